@@ -1,0 +1,173 @@
+//! `NodeEngine` (and, by multi-call, `NetManager`): parses the command line and wires the worker
+//! library together. Everything testable lives in the library.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use worker::cli::{self, Command, ConfigCommand};
+use worker::config::{ConfFile, Overrides, Paths, Settings};
+use worker::{config_edit, control};
+
+fn env(key: &str) -> Option<String> {
+    std::env::var(key).ok()
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+fn load_settings(paths: &Paths, cli: &Overrides) -> Result<Settings, String> {
+    let conf = ConfFile::load(&paths.conf_file()).map_err(|e| e.to_string())?;
+    let netcfg = netstack::config::NetCfg::load(&paths.netcfg).map_err(|e| e.to_string())?;
+    Settings::resolve(paths, &conf, &netcfg, &env, cli, &hostname()).map_err(|e| e.to_string())
+}
+
+fn run_config(paths: &Paths, cmd: &ConfigCommand) -> Result<(), String> {
+    if *cmd == ConfigCommand::Show {
+        let s = load_settings(paths, &Overrides::default())?;
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    let file = paths.conf_file();
+    let mut conf = ConfFile::load(&file).map_err(|e| e.to_string())?;
+    let edit = config_edit::apply(&mut conf, cmd);
+    if edit.changed {
+        conf.save(&file).map_err(|e| e.to_string())?;
+    }
+    if !edit.message.is_empty() {
+        println!("{}", edit.message);
+    }
+    Ok(())
+}
+
+/// `-d`: persist -a/-p, then let systemd (or, without systemd, a detached child) run the worker.
+fn detach(paths: &Paths, cli: &Overrides) -> Result<(), String> {
+    let file = paths.conf_file();
+    let mut conf = ConfFile::load(&file).map_err(|e| e.to_string())?;
+    if let Some(a) = &cli.cluster_address {
+        conf.cluster_address = a.clone();
+    }
+    if let Some(p) = cli.cluster_port {
+        conf.cluster_port = p;
+    }
+    conf.save(&file).map_err(|e| e.to_string())?;
+    if control::systemd_running() {
+        control::systemctl("start", &[control::UNIT])?;
+    } else {
+        use std::os::unix::process::CommandExt;
+        let log_path = Path::new(control::LOG_FILE);
+        if let Some(dir) = log_path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .map_err(|e| format!("{}: {e}", log_path.display()))?;
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let child = std::process::Command::new(exe)
+            .env("OAK_CONFIG_DIR", &paths.config_dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("cannot start the worker: {e}"))?;
+        println!(
+            "NodeEngine started in the background (pid {}); logs: {}",
+            child.id(),
+            control::LOG_FILE
+        );
+        return Ok(());
+    }
+    println!("NodeEngine started; `NodeEngine logs` follows its log, `NodeEngine status` shows its state");
+    Ok(())
+}
+
+fn run_foreground(paths: &Paths, cli: &Overrides) -> Result<(), String> {
+    let settings = load_settings(paths, cli)?;
+    log::info!(
+        "NodeEngine {} (Oakestra {} compatible) node {:?}, cluster {}:{}, network {}",
+        worker::VERSION,
+        worker::UPSTREAM_COMPAT,
+        settings.node_name,
+        settings.cluster_address,
+        settings.cluster_port,
+        settings.network
+    );
+    Err("the cluster session is not implemented yet (issue #3)".into())
+}
+
+fn main() -> ExitCode {
+    let mut argv = std::env::args();
+    let argv0 = argv.next().unwrap_or_else(|| "NodeEngine".into());
+    let args: Vec<String> = argv.collect();
+    let cmd = match cli::parse(&argv0, &args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let paths = Paths::from_env(&env);
+    let result = match cmd {
+        Command::Help => {
+            print!("{}", cli::HELP);
+            Ok(())
+        }
+        Command::Version => {
+            println!(
+                "NodeEngine {} (Oakestra {} compatible)",
+                worker::VERSION,
+                worker::UPSTREAM_COMPAT
+            );
+            Ok(())
+        }
+        Command::Config(c) => run_config(&paths, &c),
+        Command::Status => load_settings(&paths, &Overrides::default()).and_then(|s| {
+            control::http_get(s.status_addr, "/status", Duration::from_secs(3))
+                .map(|body| println!("{body}"))
+        }),
+        Command::Logs => control::follow(Path::new(control::LOG_FILE), 4096),
+        Command::Stop => {
+            if control::systemd_running() {
+                control::systemctl("stop", &[control::UNIT, "netmanager"])
+            } else {
+                load_settings(&paths, &Overrides::default())
+                    .and_then(|s| control::stop_by_pid_file(&s.state_dir))
+            }
+        }
+        Command::Run {
+            cluster_address,
+            cluster_port,
+            detach: d,
+        } => {
+            let cli = Overrides {
+                cluster_address,
+                cluster_port,
+            };
+            if d {
+                detach(&paths, &cli)
+            } else {
+                run_foreground(&paths, &cli)
+            }
+        }
+        Command::NetManager => {
+            Err("the standalone NetManager is not implemented yet (issue #5)".into())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
