@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod config;
 pub mod config_edit;
+pub mod containerd;
 pub mod control;
 
 /// Version printed by `NodeEngine version`, with the upstream release we are wire-compatible with.
