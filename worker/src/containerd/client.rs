@@ -625,6 +625,11 @@ impl Client {
         &self.opts.namespace
     }
 
+    /// Protocol counters of the control connection, if one is open.
+    pub fn stats(&self) -> Option<conn::Stats> {
+        self.conn.as_ref().map(|c| c.h2.stats())
+    }
+
     /// Attach `containerd-lease` to the following calls (pull and unpack, spec §2).
     pub fn set_lease(&mut self, lease: Option<&str>) {
         self.lease = lease.map(str::to_owned);
@@ -1010,6 +1015,11 @@ impl ContentWriter {
     /// Bytes the store already holds for this ingest (non-zero when resuming).
     pub fn offset(&self) -> u64 {
         self.offset as u64
+    }
+
+    /// Protocol counters of this writer's connection.
+    pub fn stats(&self) -> conn::Stats {
+        self.conn.h2.stats()
     }
 
     /// Appends `data` at the current offset, in messages of at most [`WRITE_CHUNK`].

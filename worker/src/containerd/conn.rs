@@ -115,6 +115,18 @@ pub enum Event<'a> {
     Reset(u32),
 }
 
+/// Counters for tests and diagnostics (they prove which protocol paths a peer exercised).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub pings_acked: u32,
+    pub settings_acked: u32,
+    pub window_updates_received: u32,
+    /// Times `send_data` stopped short because a send window was exhausted.
+    pub send_stalls: u32,
+    /// Entries now in the HPACK dynamic table (grpc-go indexes unless told not to).
+    pub hpack_dynamic_entries: usize,
+}
+
 struct Stream {
     id: u32,
     /// Signed: a SETTINGS delta may push it below zero (RFC 7540 §6.9.2).
@@ -139,6 +151,7 @@ pub struct Conn {
     block: Vec<u8>,
     block_of: Option<(u32, bool)>,
     goaway: Option<(u32, u32, String)>,
+    stats: Stats,
 }
 
 impl Conn {
@@ -181,6 +194,14 @@ impl Conn {
             block: Vec::new(),
             block_of: None,
             goaway: None,
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            hpack_dynamic_entries: self.hpack.dynamic_entries(),
+            ..self.stats
         }
     }
 
@@ -289,6 +310,7 @@ impl Conn {
             let n = (data.len() - sent).min(window).min(max_frame);
             let last = sent + n == data.len();
             if n == 0 && !(last && end_stream) {
+                self.stats.send_stalls += 1;
                 return sent;
             }
             let flags = if last && end_stream {
@@ -399,6 +421,7 @@ impl Conn {
                 if !ack {
                     self.apply_settings(params)?;
                     frame::write_frame(&mut self.out, frame::SETTINGS, frame::FLAG_ACK, 0, &[]);
+                    self.stats.settings_acked += 1;
                 }
                 None
             }
@@ -409,6 +432,7 @@ impl Conn {
                 // grpc-go's BDP estimator pings often; an unanswered PING stalls its window growth.
                 if !ack {
                     frame::write_frame(&mut self.out, frame::PING, frame::FLAG_ACK, 0, &data);
+                    self.stats.pings_acked += 1;
                 }
                 None
             }
@@ -434,6 +458,7 @@ impl Conn {
             }
             Frame::WindowUpdate { stream, increment } => {
                 let inc = increment as i64;
+                self.stats.window_updates_received += 1;
                 if stream == 0 {
                     self.conn_send += inc;
                     if self.conn_send > frame::MAX_WINDOW as i64 {

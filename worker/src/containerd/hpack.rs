@@ -136,6 +136,10 @@ impl Decoder {
         }
     }
 
+    pub fn dynamic_entries(&self) -> usize {
+        self.table.len()
+    }
+
     /// Decodes one complete header block, calling `emit(name, value)` for each field in order.
     /// After an error the table state is undefined: the connection must be closed
     /// (COMPRESSION_ERROR, RFC 7540 §4.3).

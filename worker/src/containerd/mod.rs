@@ -15,5 +15,5 @@ pub mod huffman;
 pub mod pb;
 
 pub use api::*;
-pub use client::{Client, ContentWriter, Error, EventStream, Ingest, Options};
+pub use client::{Client, ContentWriter, Error, EventStream, Ingest, Options, WriteOutcome};
 pub use grpc::{Code, Status};
