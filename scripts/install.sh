@@ -126,14 +126,15 @@ install -d -m 0755 "$bindir" "$unitdir" "$DESTDIR/etc/oakestra" "$DESTDIR/etc/ne
 # Copy then rename: replacing a running binary in place fails (ETXTBSY) or corrupts it; a
 # rename lets the running process keep the old inode until it restarts.
 install -m 0755 "$payload/NodeEngine" "$bindir/.NodeEngine.new"
+# On a live system, try the new binary before it replaces a working one (too old a glibc, wrong
+# CPU). Run from its final folder: the unpacked archive may sit on a noexec /tmp.
+if [ -z "$DESTDIR" ] && ! out=$("$bindir/.NodeEngine.new" version 2>&1); then
+  rm -f "$bindir/.NodeEngine.new"
+  die "NodeEngine ($arch) does not run on this machine: $out (it needs glibc >= 2.34: Debian / Raspberry Pi OS bookworm or later); the installed NodeEngine, if any, was left in place"
+fi
 mv -f "$bindir/.NodeEngine.new" "$bindir/NodeEngine"
 ln -sfn NodeEngine "$bindir/NetManager"
 log "installed $bindir/NodeEngine and $bindir/NetManager -> NodeEngine"
-
-# A live install must be able to run what it installed (wrong glibc, wrong CPU...).
-if [ -z "$DESTDIR" ] && ! out=$("$bindir/NodeEngine" version 2>&1); then
-  die "the installed $bindir/NodeEngine does not run on this machine: $out (needs glibc >= 2.34, i.e. Debian / Raspberry Pi OS bookworm or later)"
-fi
 
 for u in nodeengine.service netmanager.service; do
   install -m 0644 "$payload/$u" "$unitdir/$u"

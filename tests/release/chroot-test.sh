@@ -89,6 +89,20 @@ run_ok "install.sh with a broken conf.json still installs" in_root /opt/dist/ins
 contains "and warns that it does not load" "warning: the existing configuration does not load" "$OUT"
 equal "and leaves it for the user to fix" '{"cluster_address": ' "$(cat "$ROOT/etc/oakestra/conf.json")"
 
+# A binary that cannot run here (as with too old a glibc) must not replace a working one.
+gcc_s=$(find "$ROOT" -name libgcc_s.so.1 -print -quit)
+[ -n "$gcc_s" ] || fail "libgcc_s.so.1 not found in the chroot"
+mv "$gcc_s" "$WORK/libgcc_s.so.1"
+printf 'previous release\n' >"$ROOT/usr/local/bin/NodeEngine"
+cp "$ROOT/usr/local/bin/NodeEngine" "$WORK/previous"
+run_fails "a binary that does not run here is refused" "does not run on this machine" in_root /opt/dist/install.sh
+contains "the refusal names the glibc floor" "glibc >= 2.34" "$OUT"
+same_file "the previous NodeEngine stays in place" "$WORK/previous" "$ROOT/usr/local/bin/NodeEngine"
+absent "$ROOT/usr/local/bin/.NodeEngine.new"
+mv "$WORK/libgcc_s.so.1" "$gcc_s"
+run_ok "install.sh once the system is fixed" in_root /opt/dist/install.sh
+same_file "the new NodeEngine is in place" "$WORK/pkg/oakestra-worker_$ARCH/NodeEngine" "$ROOT/usr/local/bin/NodeEngine"
+
 section "uninstall on a live root"
 run_ok "uninstall.sh" in_root /opt/dist/uninstall.sh
 absent "$ROOT/usr/local/bin/NodeEngine"
