@@ -12,7 +12,7 @@
 #
 # Environment:
 #   DESTDIR   install into this root instead of / (image building, tests). Checks then look
-#             inside DESTDIR, and systemctl is not run (what would be run is printed).
+#             inside DESTDIR, and the unit is enabled offline (systemctl --root), not started.
 #   OAK_ARCH  architecture to install instead of dpkg's answer (cross-installing into DESTDIR).
 set -euo pipefail
 
@@ -174,10 +174,15 @@ if systemd_live; then
     log "restarted nodeengine.service on the new binary"
   fi
   log "enabled nodeengine.service"
+elif command -v systemctl >/dev/null; then
+  # No systemd to talk to (DESTDIR, chroot, container): systemctl can still enable offline,
+  # which only writes the [Install] links into the root; it starts nothing.
+  root=${DESTDIR:-/}
+  out=$(systemctl --root="$root" enable nodeengine.service 2>&1) ||
+    die "systemctl --root=$root enable nodeengine.service failed: $out"
+  log "enabled nodeengine.service in $root offline (systemd is not running here); it starts at the next boot"
 else
-  why="systemd is not running"
-  [ -z "$DESTDIR" ] || why="DESTDIR is set"
-  log "$why; on the target system run: systemctl daemon-reload && systemctl enable nodeengine"
+  log "systemctl not found; on the target system run: systemctl daemon-reload && systemctl enable nodeengine"
 fi
 
 log "done. Next: NodeEngine config cluster <cluster address> && systemctl start nodeengine  (or: NodeEngine -a <cluster address> -d)"

@@ -2,8 +2,8 @@
 # install.sh as a real, live install (no DESTDIR) into a minimal network-less chroot: the
 # host's own bash, coreutils, tar, dpkg and containerd binaries copied in with their libraries.
 # Covers what the DESTDIR runs cannot: the PATH lookup of containerd, the "does the installed
-# binary run here" and "does the config load" checks, the no-systemd path, the worker's real
-# default paths (/etc/oakestra), and uninstall on a live root.
+# binary run here" and "does the config load" checks, the no-systemd paths (without and with
+# systemctl), the worker's real default paths (/etc/oakestra), and uninstall on a live root.
 #
 #   tests/release/chroot-test.sh <dist folder>        (root; needs unshare and chroot)
 set -euo pipefail
@@ -71,7 +71,7 @@ ln "$(readlink -f "$(command -v containerd)")" "$ROOT/usr/bin/containerd" 2>/dev
   cp "$(readlink -f "$(command -v containerd)")" "$ROOT/usr/bin/containerd"
 run_ok "dist/install.sh in the chroot" in_root /opt/dist/install.sh
 contains "picked the archive" "using /opt/dist/oakestra-worker_$ARCH.tar.gz" "$OUT"
-contains "no systemd: says what to run" "systemd is not running; on the target system run: systemctl daemon-reload && systemctl enable nodeengine" "$OUT"
+contains "no systemctl: says what to run" "systemctl not found; on the target system run: systemctl daemon-reload && systemctl enable nodeengine" "$OUT"
 if grep -q "warning" <<<"$OUT"; then fail "unexpected warning from a clean install: $OUT"; fi
 ok "no warnings on a clean install"
 run_ok "NodeEngine on the PATH in the chroot" in_root NodeEngine version
@@ -81,8 +81,13 @@ equal "cluster address from /etc/oakestra/conf.json" 198.51.100.4 "$(jq -r .clus
 equal "netcfg from /etc/netmanager/netcfg.json" /etc/netmanager/netcfg.json "$(jq -r .netcfg <<<"$OUT")"
 cp "$ROOT/etc/oakestra/conf.json" "$WORK/user-conf.json"
 
-section "upgrade in place"
+section "upgrade in place, now with systemctl (but no systemd running)"
+copy_with_libs "$(readlink -f "$(command -v systemctl)")"
+[ -e "$ROOT/usr/bin/systemctl" ] || ln -s "$(readlink -f "$(command -v systemctl)")" "$ROOT/usr/bin/systemctl"
 run_ok "install.sh again" in_root /opt/dist/install.sh
+contains "enables the unit offline" "enabled nodeengine.service in / offline" "$OUT"
+equal "nodeengine.service wanted by multi-user.target" /etc/systemd/system/nodeengine.service \
+  "$(readlink "$ROOT/etc/systemd/system/multi-user.target.wants/nodeengine.service")"
 same_file "user's conf.json kept" "$WORK/user-conf.json" "$ROOT/etc/oakestra/conf.json"
 echo '{"cluster_address": ' >"$ROOT/etc/oakestra/conf.json" # a user's broken edit
 run_ok "install.sh with a broken conf.json still installs" in_root /opt/dist/install.sh
@@ -108,6 +113,7 @@ run_ok "uninstall.sh" in_root /opt/dist/uninstall.sh
 absent "$ROOT/usr/local/bin/NodeEngine"
 absent "$ROOT/usr/local/bin/NetManager"
 absent "$ROOT/etc/systemd/system/nodeengine.service"
+absent "$ROOT/etc/systemd/system/multi-user.target.wants/nodeengine.service"
 [ -f "$ROOT/etc/oakestra/conf.json" ] || fail "uninstall removed conf.json without --purge"
 ok "configs kept"
 [ -x "$ROOT/usr/bin/containerd" ] || fail "uninstall touched containerd"

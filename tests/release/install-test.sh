@@ -55,7 +55,11 @@ run_fails "a live install needs root" "run as root" \
 section "fresh install from the unpacked archive"
 R=$(new_root fresh)
 run_ok "install.sh into DESTDIR" env DESTDIR="$R" "$PKG/install.sh"
-contains "prints what systemd would need" "systemctl daemon-reload && systemctl enable nodeengine" "$OUT"
+contains "enables the unit offline" "enabled nodeengine.service in $R offline" "$OUT"
+equal "nodeengine.service wanted by multi-user.target" /etc/systemd/system/nodeengine.service \
+  "$(readlink "$R/etc/systemd/system/multi-user.target.wants/nodeengine.service")"
+equal "systemctl sees nodeengine enabled, netmanager not" "enabled disabled" \
+  "$(systemctl --root="$R" is-enabled nodeengine.service netmanager.service | tr '\n' ' ' | sed 's/ $//')"
 contains "writes the default conf.json" "wrote default $R/etc/oakestra/conf.json" "$OUT"
 B="$R/usr/local/bin"
 mode "$B/NodeEngine" 755
@@ -167,6 +171,7 @@ absent "$R/usr/local/bin/NodeEngine"
 absent "$R/usr/local/bin/NetManager"
 absent "$R/etc/systemd/system/nodeengine.service"
 absent "$R/etc/systemd/system/netmanager.service"
+absent "$R/etc/systemd/system/multi-user.target.wants/nodeengine.service"
 same_file "uninstall keeps conf.json" "$WORK/user-conf.json" "$R/etc/oakestra/conf.json"
 [ -f "$R/etc/netmanager/netcfg.json" ] || fail "uninstall removed netcfg.json without --purge"
 [ -f "$R/lib/systemd/system/containerd.service" ] || fail "uninstall touched containerd"
