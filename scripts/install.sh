@@ -14,6 +14,8 @@
 #   DESTDIR   install into this root instead of / (image building, tests). Checks then look
 #             inside DESTDIR, and the unit is enabled offline (systemctl --root), not started.
 #   OAK_ARCH  architecture to install instead of dpkg's answer (cross-installing into DESTDIR).
+# `sh install.sh` would run this under dash: hand over to bash first.
+if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
 set -euo pipefail
 
 log() { printf '[install] %s\n' "$*"; }

@@ -6,6 +6,8 @@
 #   sudo ./uninstall.sh [--purge]
 #
 # DESTDIR: remove from this root instead of / (systemctl is then not run).
+# `sh uninstall.sh` would run this under dash: hand over to bash first.
+if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
 set -euo pipefail
 
 log() { printf '[uninstall] %s\n' "$*"; }

@@ -160,6 +160,9 @@ done
 R=$(new_root by-path)
 run_ok "install.sh <archive>" env DESTDIR="$R" "$PKG/install.sh" "$DIST/oakestra-worker_$ARCH.tar.gz"
 same_file "installed from the named archive" "$PKG/NodeEngine" "$R/usr/local/bin/NodeEngine"
+R=$(new_root via-sh)
+run_ok "\`sh install.sh\` hands over to bash" env DESTDIR="$R" sh "$PKG/install.sh"
+same_file "installed through sh" "$PKG/NodeEngine" "$R/usr/local/bin/NodeEngine"
 run_fails "a folder without the archive is refused" "neither an unpacked worker release nor oakestra-worker_$ARCH.tar.gz" \
   env DESTDIR="$R" "$PKG/install.sh" "$EMPTY"
 
