@@ -56,8 +56,9 @@ unpack() {
   local archive=$1
   cleanup=$(mktemp -d)
   tar -xzf "$archive" -C "$cleanup" || die "cannot unpack $archive"
-  payload="$cleanup/oakestra-worker_$arch"
-  [ -f "$payload/ARCH" ] || die "$archive does not hold oakestra-worker_$arch/ (not a worker release archive?)"
+  # Whatever arch the archive holds: a mismatch is reported below, by name.
+  payload=$(find "$cleanup" -mindepth 2 -maxdepth 2 -name ARCH -printf '%h\n' -quit)
+  [ -n "$payload" ] || die "$archive holds no oakestra-worker_<arch>/ folder (not a worker release archive?)"
   log "using $archive"
 }
 

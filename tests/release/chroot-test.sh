@@ -24,7 +24,7 @@ ROOT="$WORK/root"
 
 # Every program install.sh, uninstall.sh and this test call inside the chroot.
 TOOLS=(bash sh env id dirname cat mktemp tar gzip install mv ln rm uname dpkg readlink sed
-  mkdir ls cmp grep stat)
+  mkdir ls cmp grep stat find)
 copy_libs() {
   local lib
   for lib in $(ldd "$1" 2>/dev/null | grep -o '/[^ ]*'); do

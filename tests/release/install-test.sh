@@ -160,6 +160,10 @@ done
 R=$(new_root by-path)
 run_ok "install.sh <archive>" env DESTDIR="$R" "$PKG/install.sh" "$DIST/oakestra-worker_$ARCH.tar.gz"
 same_file "installed from the named archive" "$PKG/NodeEngine" "$R/usr/local/bin/NodeEngine"
+run_fails "a named archive for another architecture is refused" "this release is for $other but the machine is $ARCH" \
+  env DESTDIR="$R" "$PKG/install.sh" "$DIST/oakestra-worker_$other.tar.gz"
+run_fails "a file that is no release archive is refused" "cannot unpack $PKG/conf.json" \
+  env DESTDIR="$R" "$PKG/install.sh" "$PKG/conf.json"
 R=$(new_root via-sh)
 run_ok "\`sh install.sh\` hands over to bash" env DESTDIR="$R" sh "$PKG/install.sh"
 same_file "installed through sh" "$PKG/NodeEngine" "$R/usr/local/bin/NodeEngine"
