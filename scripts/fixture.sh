@@ -272,6 +272,7 @@ cmd_up() {
     grep -q '^FIXTURE_DOCKER_MANIFEST_DIGEST=' "$dir/image/digests" && echo "FIXTURE_IMAGE_DOCKER=$reg/$REPO:docker"
     cat "$dir/image/digests"
     echo "FIXTURE_OCI_LAYOUT=$dir/image"
+    echo "FIXTURE_RUNC_ROOT=$dir/runc"
     echo "FIXTURE_CONTAINERD_PID=$(cat "$dir/containerd.pid")"
     echo "FIXTURE_REGISTRY_PID=$(cat "$dir/registry.pid")"
     [ -z "$owner" ] || echo "FIXTURE_WATCHDOG_PID=$(cat "$dir/watchdog.pid")"
@@ -321,7 +322,7 @@ cmd_down() {
   flock -w 120 8 || die "another teardown of $dir holds the lock for 2 minutes"
   [ -f "$dir/$MARKER" ] || return 0
 
-  local sock=$dir/containerd.sock pid ns id
+  local sock=$dir/containerd.sock pid ns id namespaces=""
   if [ -z "${OAK_FIXTURE_FROM_WATCHDOG:-}" ] && [ -f "$dir/watchdog.pid" ]; then
     pid=$(cat "$dir/watchdog.pid")
     pid_is_ours "$pid" "$dir" && [ "$pid" != "$PPID" ] && kill -KILL -- "-$pid" 2>/dev/null || true
@@ -331,6 +332,7 @@ cmd_down() {
   pid=$(cat "$dir/containerd.pid" 2>/dev/null || true)
   if pid_is_ours "$pid" "$dir" && [ -S "$sock" ]; then
     for ns in $(timeout 5 ctr -a "$sock" namespaces ls -q 2>/dev/null || true); do
+      namespaces+=" $ns"
       for id in $(timeout 5 ctr -a "$sock" -n "$ns" tasks ls -q 2>/dev/null || true); do
         timeout 10 ctr -a "$sock" -n "$ns" tasks delete --force "$id" >/dev/null 2>&1 || true
       done
@@ -341,15 +343,20 @@ cmd_down() {
 
   # 3. What survived: per bundle (<state>/io.containerd.runtime.v2.task/<ns>/<id>) the runc
   #    container (only if its state points at our bundle), its cgroup's processes, its shim.
-  local bundle shim_addr cg h namespaces=""
+  local bundle shim_addr cg h rroot runc_dirs=""
   for bundle in "$dir"/containerd/state/io.containerd.runtime.v2.task/*/*; do
     [ -d "$bundle" ] || continue
     id=${bundle##*/}
     ns=${bundle%/*}
     ns=${ns##*/}
     namespaces+=" $ns"
-    if grep -qs "\"bundle\":\"$bundle\"" "$RUNC_ROOT/$ns/$id/state.json"; then
-      timeout 10 runc --root "$RUNC_ROOT/$ns" delete --force "$id" >/dev/null 2>&1 || true
+    # The client may have chosen a runc root (runc options "root"); the shim appends the namespace.
+    rroot=$(jq -r '.root // empty' "$bundle/options.json" 2>/dev/null || true)
+    rroot=${rroot:-$RUNC_ROOT}/$ns
+    runc_dirs+=" $rroot"
+    if grep -qs "\"bundle\":\"$bundle\"" "$rroot/$id/state.json"; then
+      timeout 10 runc --root "$rroot" delete --force "$id" >/dev/null 2>&1 || true
+      rm -rf "${rroot:?}/$id"
     fi
     for cg in /sys/fs/cgroup/"$ns/$id" /sys/fs/cgroup/*/"$ns/$id"; do
       [ -f "$cg/cgroup.procs" ] || continue
@@ -358,9 +365,6 @@ cmd_down() {
     shim_addr=$(cat "$bundle/address" 2>/dev/null || true)
     shim_addr=${shim_addr#unix://}
     case $shim_addr in "$SHIM_SOCKET_DIR"/*) rm -f "$shim_addr" ;; esac
-    if grep -qs "\"bundle\":\"$bundle\"" "$RUNC_ROOT/$ns/$id/state.json"; then
-      rm -rf "${RUNC_ROOT:?}/$ns/$id"
-    fi
   done
   for ns in "$dir"/containerd/root/io.containerd.runtime.v2.task/*; do
     [ -d "$ns" ] && namespaces+=" ${ns##*/}"
@@ -391,6 +395,13 @@ cmd_down() {
       done
       rmdir "$h/$ns" 2>/dev/null || true
     done
+  done
+
+  # Per-namespace runc roots outside <dir> that our containers created, if now empty. (A
+  # namespace's root is shared with other containerds; runc recreates it when needed.)
+  for ns in $namespaces; do runc_dirs+=" $RUNC_ROOT/$ns"; done
+  for rroot in $(printf '%s\n' $runc_dirs | sort -u); do
+    case $rroot in "$dir"/*) ;; *) rmdir "$rroot" 2>/dev/null || true ;; esac
   done
 
   # 6. Mounts under <dir>, deepest first; lazy as the last resort.
