@@ -9,6 +9,9 @@
 # killed with SIGKILL still leaves nothing behind. Everything `down` touches is identified as
 # belonging to <dir> (pid files checked against cmdlines, shims by their -address, mounts under
 # <dir>, cgroups and runc state of containers whose bundles live in <dir>). Root only.
+# <dir>/env holds plain KEY=VALUE lines (no quoting needed; dir names are restricted): in a shell,
+# `set -a; . <dir>/env; set +a` exports them (ctr then honours CONTAINERD_ADDRESS and
+# CONTAINERD_SNAPSHOTTER). Pull over plain HTTP: `ctr images pull --plain-http "$FIXTURE_IMAGE"`.
 # Environment: OAK_BUSYBOX_CACHE (busybox-<debian arch> binaries), FIXTURE_WAIT_SECS (default 20).
 set -euo pipefail
 
@@ -63,11 +66,14 @@ kill_wait() {
   kill -KILL "$pid" 2>/dev/null || true
 }
 
-# free_port: a loopback TCP port nobody listens on now (the registry start retries on a race).
+# free_port: a loopback TCP port nobody listens on now, below the ephemeral range so outgoing
+# connections cannot hold it (the registry start retries if another process wins the race).
 free_port() {
-  local p i
+  local p i low=32768
+  read -r low _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
+  [ "$low" -gt 11000 ] || low=32768
   for ((i = 0; i < 50; i++)); do
-    p=$((20000 + RANDOM % 30000))
+    p=$((10000 + RANDOM % (low - 10000)))
     if ! ss -Htln "sport = :$p" 2>/dev/null | grep -q .; then
       echo "$p"
       return 0
@@ -246,6 +252,7 @@ cmd_up() {
   local t0=$SECONDS
   # Whatever fails from here on, leave nothing running.
   trap 'rc=$?; if [ $rc -ne 0 ]; then log "up failed (exit $rc): tearing down $dir"; "$SCRIPT" down "$dir" >&2 || true; fi' EXIT
+  trap 'exit 130' INT TERM HUP
   [ -z "$owner" ] || start_watchdog "$dir" "$owner"
 
   local snap=native

@@ -127,14 +127,14 @@ build_image() {
 # push_blob <registry> <repo> <layout> <digest>: monolithic upload (POST then PUT ?digest=).
 push_blob() {
   local reg=$1 repo=$2 layout=$3 digest=$4 loc sep
-  curl -fsS -o /dev/null -I "http://$reg/v2/$repo/blobs/$digest" 2>/dev/null && return 0
-  loc=$(curl -fsS -X POST -D - -o /dev/null "http://$reg/v2/$repo/blobs/uploads/" |
+  curl -fsS --max-time 60 -o /dev/null -I "http://$reg/v2/$repo/blobs/$digest" 2>/dev/null && return 0
+  loc=$(curl -fsS --max-time 60 -X POST -D - -o /dev/null "http://$reg/v2/$repo/blobs/uploads/" |
     tr -d '\r' | awk 'tolower($1) == "location:" {print $2}') ||
     die "registry $reg refused an upload for $repo (POST /v2/$repo/blobs/uploads/): see $FIXTURE_DIR/registry.log"
   [ -n "$loc" ] || die "registry $reg gave no Location for an upload to $repo"
   case $loc in /*) loc=http://$reg$loc ;; esac
   case $loc in *\?*) sep='&' ;; *) sep='?' ;; esac
-  curl -fsS -o /dev/null -X PUT -H 'Content-Type: application/octet-stream' \
+  curl -fsS --max-time 60 -o /dev/null -X PUT -H 'Content-Type: application/octet-stream' \
     --data-binary "@$layout/blobs/sha256/${digest#sha256:}" "$loc${sep}digest=$digest" ||
     die "registry $reg refused blob $digest for $repo: see $FIXTURE_DIR/registry.log"
 }
@@ -143,7 +143,7 @@ push_blob() {
 # the registry computed against ours.
 push_manifest() {
   local reg=$1 repo=$2 layout=$3 digest=$4 ref=$5 mt=$6 got
-  got=$(curl -fsS -X PUT -D - -o /dev/null -H "Content-Type: $mt" \
+  got=$(curl -fsS --max-time 60 -X PUT -D - -o /dev/null -H "Content-Type: $mt" \
     --data-binary "@$layout/blobs/sha256/${digest#sha256:}" "http://$reg/v2/$repo/manifests/$ref" |
     tr -d '\r' | awk 'tolower($1) == "docker-content-digest:" {print $2}') ||
     die "registry $reg refused manifest $digest ($mt) as $repo:$ref: see $FIXTURE_DIR/registry.log"
@@ -167,7 +167,7 @@ push_image() {
   m=$(sed -n 's/^FIXTURE_DOCKER_MANIFEST_DIGEST=//p' "$layout/digests")
   [ -z "$m" ] || push_manifest "$reg" "$repo" "$layout" "$m" docker "$MT_DOCKER_MANIFEST"
   local got
-  got=$(curl -fsS -H "Accept: $MT_OCI_INDEX" "http://$reg/v2/$repo/manifests/latest" | sha256sum | cut -d' ' -f1) ||
+  got=$(curl -fsS --max-time 60 -H "Accept: $MT_OCI_INDEX" "http://$reg/v2/$repo/manifests/latest" | sha256sum | cut -d' ' -f1) ||
     die "GET of $repo:latest from $reg failed after the push"
   [ "sha256:$got" = "$index" ] || die "registry $reg serves $repo:latest as sha256:$got, pushed $index"
 }

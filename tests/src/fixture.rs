@@ -1,6 +1,18 @@
 //! Rust handle on `scripts/fixture.sh`: a private containerd and registry with the busybox test
 //! image, torn down on drop. The script does the work (so bash users get the same fixture); this
 //! module only picks the directory, runs `up`/`down` and parses `<dir>/env`.
+//!
+//! ```no_run
+//! if !e2e::require_root("my_test") {
+//!     return;
+//! }
+//! let _one_at_a_time = e2e::serial();
+//! let fx = e2e::Fixture::start().unwrap();
+//! let out = fx.ctr("oaktest").args(["images", "pull", "--plain-http", &fx.image]).output().unwrap();
+//! assert!(out.status.success());
+//! // A worker under test: NodeEngine with fx.worker_env() (OAK_CONTAINERD_SOCKET, OAK_INSECURE_REGISTRIES).
+//! // Dropping `fx` (also while unwinding from a failed assert) runs `fixture.sh down`.
+//! ```
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -169,7 +181,10 @@ pub fn leftovers(dir: &Path) -> Vec<String> {
             }
             if let Ok(raw) = std::fs::read(p.path().join("cmdline")) {
                 let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
-                if cmd.split(' ').any(|a| a.contains(&d)) {
+                let names_dir = |a: &str| {
+                    a == d || a.contains(&format!("{d}/")) || a.ends_with(&format!("={d}"))
+                };
+                if cmd.split(' ').any(names_dir) {
                     left.push(format!("process {pid}: {}", cmd.trim_end()));
                 }
             }

@@ -378,3 +378,65 @@ fn down_refuses_a_directory_it_did_not_create() {
     assert!(dir.join("precious").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_panicking_test_still_tears_down() {
+    if !require_root("a_panicking_test_still_tears_down") {
+        return;
+    }
+    let _g = serial();
+    let dir = std::sync::Mutex::new(None);
+    let res = std::panic::catch_unwind(|| {
+        let fx = Fixture::start().unwrap();
+        *dir.lock().unwrap() = Some(fx.dir.clone());
+        pull(&fx, "oakpanic", &fx.image);
+        panic!("the test body fails while the fixture is up");
+    });
+    assert!(res.is_err());
+    let dir = dir.into_inner().unwrap().expect("fixture started");
+    assert_eq!(leftovers(&dir), Vec::<String>::new());
+}
+
+#[test]
+fn a_failed_up_cleans_up_after_itself() {
+    if !require_root("a_failed_up_cleans_up_after_itself") {
+        return;
+    }
+    let _g = serial();
+    let dir = std::env::temp_dir().join(unique("oak-fx-fail"));
+    let empty = std::env::temp_dir().join(unique("oak-empty-cache"));
+    std::fs::create_dir(&empty).unwrap();
+    // Daemons start, then the image build finds no busybox: up must fail and undo the daemons.
+    let out = Command::new("bash")
+        .arg(Fixture::script())
+        .arg("up")
+        .arg(&dir)
+        .env("OAK_BUSYBOX_CACHE", &empty)
+        .output()
+        .unwrap();
+    std::fs::remove_dir(&empty).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "up succeeded without busybox: {err}");
+    assert!(err.contains("no busybox binaries found"), "{err}");
+    assert!(err.contains("tearing down"), "{err}");
+    assert_eq!(leftovers(&dir), Vec::<String>::new());
+}
+
+#[test]
+fn non_root_gets_a_clear_error() {
+    if !require_root("non_root_gets_a_clear_error") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(unique("oak-fx-nonroot"));
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "bash"])
+        .arg(Fixture::script())
+        .arg("up")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("must run as root"), "{err}");
+    assert!(!dir.exists());
+}
