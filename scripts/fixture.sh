@@ -24,6 +24,7 @@ WAIT_SECS=${FIXTURE_WAIT_SECS:-20}
 # passes runc options; containerd 1.6 puts shim sockets under /run/containerd/s whatever its state.
 RUNC_ROOT=/run/containerd/runc
 SHIM_SOCKET_DIR=/run/containerd/s
+FIFO_DIR=/run/containerd/fifo
 
 log() { printf '[fixture] %s\n' "$*" >&2; }
 die() { printf '[fixture] error: %s\n' "$*" >&2; exit 1; }
@@ -350,7 +351,7 @@ cmd_down() {
 
   # 3. What survived: per bundle (<state>/io.containerd.runtime.v2.task/<ns>/<id>) the runc
   #    container (only if its state points at our bundle), its cgroup's processes, its shim.
-  local bundle shim_addr cg h rroot runc_dirs=""
+  local bundle shim_addr cg h f rroot runc_dirs=""
   for bundle in "$dir"/containerd/state/io.containerd.runtime.v2.task/*/*; do
     [ -d "$bundle" ] || continue
     id=${bundle##*/}
@@ -361,7 +362,7 @@ cmd_down() {
     rroot=$(jq -r '.root // empty' "$bundle/options.json" 2>/dev/null || true)
     rroot=${rroot:-$RUNC_ROOT}/$ns
     runc_dirs+=" $rroot"
-    if grep -qs "\"bundle\":\"$bundle\"" "$rroot/$id/state.json"; then
+    if grep -qsF "\"rootfs\":\"$bundle/rootfs\"" "$rroot/$id/state.json"; then
       timeout 10 runc --root "$rroot" delete --force "$id" >/dev/null 2>&1 || true
       rm -rf "${rroot:?}/$id"
     fi
@@ -388,6 +389,20 @@ cmd_down() {
   for ((i = 0; i < 30; i++)); do
     [ -z "$(stray_pids "$dir")" ] && break
     sleep 0.1
+  done
+
+  for bundle in "$dir"/containerd/state/io.containerd.runtime.v2.task/*/*; do
+    [ -d "$bundle" ] || continue
+    id=${bundle##*/}
+    # ctr's stdio fifos (<fifo dir>/<random>/<id>-std{in,out,err}); a client deletes them with
+    # the task, which cannot happen once containerd is gone. Only dirs holding nothing but this
+    # id's fifos, and which no process has open, are removed.
+    for f in "$FIFO_DIR"/*/"$id"-stdout; do
+      [ -p "$f" ] || continue
+      f=${f%/*}
+      [ -z "$(find "$f" -mindepth 1 ! -name "$id-stdin" ! -name "$id-stdout" ! -name "$id-stderr")" ] || continue
+      fuser -s "$f"/* 2>/dev/null || rm -rf "$f"
+    done
   done
 
   # 5. Cgroups left by our containers (v1: one tree per controller; v2: one tree), then their

@@ -440,3 +440,65 @@ fn non_root_gets_a_clear_error() {
     assert!(err.contains("must run as root"), "{err}");
     assert!(!dir.exists());
 }
+
+/// Pids whose cmdline contains `needle` (for finding this fixture's shims).
+fn pids_with(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|p| {
+            let pid: u32 = p.file_name().to_str()?.parse().ok()?;
+            let cmd = String::from_utf8_lossy(&std::fs::read(p.path().join("cmdline")).ok()?)
+                .replace('\0', " ");
+            cmd.contains(needle).then_some(pid)
+        })
+        .collect()
+}
+
+#[test]
+fn down_cleans_up_after_containerd_and_shim_crash() {
+    if !require_root("down_cleans_up_after_containerd_and_shim_crash") {
+        return;
+    }
+    let _g = serial();
+    let fx = Fixture::start().unwrap();
+    let dir = fx.dir.clone();
+    let ns = unique("oakcrash");
+    let socket = start_sleeper(&fx, &ns, "sleeper");
+    // The worst case: containerd and the shim die hard, so nobody can delete the task.
+    let shims = pids_with(&format!("-address {}", fx.containerd_socket.display()));
+    assert_eq!(shims.len(), 1, "expected one shim, found {shims:?}");
+    let containerd: u32 = fx.env["FIXTURE_CONTAINERD_PID"].parse().unwrap();
+    for pid in [containerd, shims[0]] {
+        run(Command::new("kill").args(["-KILL", &pid.to_string()]));
+    }
+    let init_pid = std::fs::read_to_string(dir.join(format!(
+        "containerd/state/io.containerd.runtime.v2.task/{ns}/sleeper/init.pid"
+    )))
+    .unwrap();
+    let count_fifos = || {
+        sh("ls -d /run/containerd/fifo/*/sleeper-stdout 2>/dev/null | wc -l")
+            .trim()
+            .parse::<u32>()
+            .unwrap()
+    };
+    let fifos = count_fifos();
+    assert!(
+        fifos >= 1,
+        "ctr run -d left no fifos: the fifo check would be vacuous"
+    );
+    drop(fx);
+    assert_eq!(leftovers(&dir), Vec::<String>::new());
+    assert_eq!(
+        container_traces(&ns, "sleeper", &socket),
+        Vec::<String>::new()
+    );
+    assert!(
+        !Path::new(&format!("/proc/{}", init_pid.trim())).exists(),
+        "the container's process survived"
+    );
+    assert!(
+        count_fifos() < fifos,
+        "ctr fifos of the crashed task remain"
+    );
+}
