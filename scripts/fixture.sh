@@ -53,7 +53,12 @@ abs_dir() {
 
 # Process helpers. A pid is ours only if its cmdline still names our dir (pids get reused).
 cmdline() { tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null || true; }
-pid_is_ours() { [ -n "${1:-}" ] && [ -d "/proc/$1" ] && [[ "$(cmdline "$1")" == *"$2"* ]]; }
+pid_is_ours() {
+  local c
+  [ -n "${1:-}" ] && [ -d "/proc/$1" ] || return 1
+  c=$(cmdline "$1")
+  [[ $c == *"$2/"* || $c == *" $2 "* ]]
+}
 start_time() { awk '{print $22}' "/proc/$1/stat" 2>/dev/null || true; }
 # kill_wait <pid> <secs>: TERM, wait, then KILL.
 kill_wait() {
@@ -212,7 +217,7 @@ YAML
 start_watchdog() {
   local dir=$1 owner=$2
   [ -d "/proc/$owner" ] || die "--owner-pid $owner: no such process"
-  setsid "$SCRIPT" __watchdog "$dir" "$owner" "$(start_time "$owner")" "$$" "$(start_time $$)" \
+  setsid bash "$SCRIPT" __watchdog "$dir" "$owner" "$(start_time "$owner")" "$$" "$(start_time $$)" \
     </dev/null >>"$dir/watchdog.log" 2>&1 &
   echo $! >"$dir/watchdog.pid"
 }
@@ -222,7 +227,7 @@ watchdog() {
   while [ -f "$dir/$MARKER" ]; do
     if [ "$(start_time "$owner")" != "$owner_st" ] && [ "$(start_time "$up")" != "$up_st" ]; then
       log "owner $owner is gone: tearing down $dir"
-      OAK_FIXTURE_FROM_WATCHDOG=1 exec "$SCRIPT" down "$dir"
+      OAK_FIXTURE_FROM_WATCHDOG=1 exec bash "$SCRIPT" down "$dir"
     fi
     sleep 0.3
   done
@@ -252,7 +257,7 @@ cmd_up() {
   export FIXTURE_DIR=$dir
   local t0=$SECONDS
   # Whatever fails from here on, leave nothing running.
-  trap 'rc=$?; if [ $rc -ne 0 ]; then log "up failed (exit $rc): tearing down $dir"; "$SCRIPT" down "$dir" >&2 || true; fi' EXIT
+  trap 'rc=$?; if [ $rc -ne 0 ]; then log "up failed (exit $rc): tearing down $dir"; bash "$SCRIPT" down "$dir" >&2 || true; fi' EXIT
   trap 'exit 130' INT TERM HUP
   [ -z "$owner" ] || start_watchdog "$dir" "$owner"
 
@@ -413,6 +418,11 @@ cmd_down() {
       for cg in "$h/$ns"/*/; do
         cg=${cg%/}
         [ -d "$dir/containerd/state/io.containerd.runtime.v2.task/$ns/${cg##*/}" ] || continue
+        # Killed processes leave the cgroup only once they have exited.
+        for ((i = 0; i < 30; i++)); do
+          [ -s "$cg/cgroup.procs" ] || break
+          sleep 0.1
+        done
         [ -f "$cg/cgroup.procs" ] && rmdir "$cg" 2>/dev/null || true
       done
       rmdir "$h/$ns" 2>/dev/null || true
@@ -447,8 +457,8 @@ cmd_down() {
 }
 
 case ${1:-} in
-  up) shift; need_root "$@"; cmd_up "$@" ;;
-  down) shift; need_root "$@"; cmd_down "$@" ;;
+  up) need_root "$@"; shift; cmd_up "$@" ;;
+  down) need_root "$@"; shift; cmd_down "$@" ;;
   __watchdog) shift; watchdog "$@" ;;
   *) usage ;;
 esac

@@ -493,9 +493,17 @@ fn down_cleans_up_after_containerd_and_shim_crash() {
         container_traces(&ns, "sleeper", &socket),
         Vec::<String>::new()
     );
+    // SIGKILLed and reparented to pid 1, it may linger as a zombie until pid 1 reaps it.
+    let stat = format!("/proc/{}/stat", init_pid.trim());
+    let t = Instant::now();
+    let alive = || std::fs::read_to_string(&stat).is_ok_and(|s| !s.contains(") Z "));
+    while alive() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(
-        !Path::new(&format!("/proc/{}", init_pid.trim())).exists(),
-        "the container's process survived"
+        !alive(),
+        "the container's process {} survived",
+        init_pid.trim()
     );
     assert!(
         count_fifos() < fifos,
