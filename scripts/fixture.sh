@@ -12,7 +12,9 @@
 # <dir>/env holds plain KEY=VALUE lines (no quoting needed; dir names are restricted): in a shell,
 # `set -a; . <dir>/env; set +a` exports them (ctr then honours CONTAINERD_ADDRESS and
 # CONTAINERD_SNAPSHOTTER). Pull over plain HTTP: `ctr images pull --plain-http "$FIXTURE_IMAGE"`.
-# Environment: OAK_BUSYBOX_CACHE (busybox-<debian arch> binaries), FIXTURE_WAIT_SECS (default 20).
+# Environment: OAK_BUSYBOX_CACHE (busybox-<debian arch> binaries), OAK_FIXTURE_CACHE (built image
+# cache, keyed by its inputs; default /var/cache/oakestra-test/fixture-image, empty: off),
+# FIXTURE_WAIT_SECS (default 20).
 set -euo pipefail
 
 SCRIPT=$(readlink -f "${BASH_SOURCE[0]}")
@@ -270,7 +272,7 @@ cmd_up() {
   start_registry "$dir"
   local reg
   reg=$(cat "$dir/registry.addr")
-  build_image "$dir" "${OAK_BUSYBOX_CACHE:-/var/cache/oakestra-test/busybox}"
+  prepare_image "$dir" "${OAK_BUSYBOX_CACHE:-/var/cache/oakestra-test/busybox}"
   push_image "$reg" "$REPO" "$dir/image"
 
   {

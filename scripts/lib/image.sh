@@ -171,3 +171,47 @@ push_image() {
     die "GET of $repo:latest from $reg failed after the push"
   [ "sha256:$got" = "$index" ] || die "registry $reg serves $repo:latest as sha256:$got, pushed $index"
 }
+
+# image_cache_key <busybox-cache>: changes whenever an input of build_image changes (every busybox
+# binary, this file), so a cached build is never stale, only unused.
+image_cache_key() {
+  local cache=$1
+  {
+    sha256sum "$cache"/busybox-* 2>/dev/null | awk '{print $1, $2}'
+    sha256sum "${BASH_SOURCE[0]}" | awk '{print $1}'
+    dpkg --print-architecture 2>/dev/null || uname -m
+  } | sha256sum | cut -c1-32
+}
+
+# verify_layout <layout>: every blob's name is its sha256, and the digests file is there.
+verify_layout() {
+  local layout=$1 f
+  [ -s "$layout/digests" ] && [ -s "$layout/index.json" ] || return 1
+  for f in "$layout"/blobs/sha256/*; do
+    [ "$(sha256sum "$f" | cut -d' ' -f1)" = "${f##*/}" ] || return 1
+  done
+}
+
+# prepare_image <dir> <busybox-cache>: <dir>/image, from the build cache
+# ($OAK_FIXTURE_CACHE, default /var/cache/oakestra-test/fixture-image; empty disables it) when
+# an entry for the same inputs verifies, else built and then added to the cache atomically.
+prepare_image() {
+  local dir=$1 bb=$2 root=${OAK_FIXTURE_CACHE-/var/cache/oakestra-test/fixture-image} key entry tmp
+  if [ -n "$root" ]; then
+    key=$(image_cache_key "$bb")
+    entry=$root/$key
+    if [ -d "$entry" ] && cp -r "$entry" "$dir/image" 2>/dev/null && verify_layout "$dir/image"; then
+      return 0
+    fi
+    rm -rf "$dir/image"
+  fi
+  build_image "$dir" "$bb"
+  [ -n "$root" ] || return 0
+  # Best effort: a cache that cannot be written only costs time.
+  if mkdir -p "$root" 2>/dev/null && tmp=$(mktemp -d "$root/.tmp-XXXXXX" 2>/dev/null); then
+    if cp -r "$dir/image/." "$tmp/" && { rm -rf "$entry" && mv -T "$tmp" "$entry"; } 2>/dev/null; then
+      return 0
+    fi
+    rm -rf "$tmp"
+  fi
+}
