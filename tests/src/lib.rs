@@ -5,6 +5,7 @@ pub mod fixture;
 
 pub use fixture::{leftovers, Fixture};
 
+use std::io::Write;
 use std::sync::{Mutex, MutexGuard};
 
 /// Whether this process runs as root (effective uid 0), read from /proc to need no libc.
@@ -31,7 +32,11 @@ pub fn require_root(test: &str) -> bool {
     {
         panic!("{test}: needs root (containerd, mounts, cgroups) and CI=true: run the e2e tests as root in CI, not skip them");
     }
-    eprintln!("SKIPPED: {test} needs root (it starts containerd, mounts snapshots): run `sudo -E cargo test -p e2e`");
+    // Straight to stderr: the harness captures eprintln! of passing tests, and a skip must show.
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED: {test} needs root (it starts containerd, mounts snapshots): run `sudo -E cargo test -p e2e`"
+    );
     false
 }
 
