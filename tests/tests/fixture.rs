@@ -1,6 +1,8 @@
 //! The shared fixture against the real parts: containerd pulls and runs the test image from the
-//! private registry, the index carries three real platforms, fixtures coexist, and teardown (by
-//! drop or by the watchdog after SIGKILL) leaves nothing behind.
+//! private registry, the index carries three real platforms, fixtures coexist, and teardown
+//! leaves nothing behind: by drop, while unwinding a failed test, after a failed `up`, by the
+//! watchdog once the owner is SIGKILLed, and after containerd and a shim were SIGKILLed.
+//! Every test that starts daemons holds `e2e::serial()`: one fixture test at a time.
 
 use e2e::{leftovers, require_root, serial, Fixture};
 use std::path::{Path, PathBuf};
