@@ -1,125 +1,21 @@
-//! Integration tests of `worker::containerd` against a real, private containerd 1.6.
-//!
-//! Each test starts its own containerd (config in a temp dir, CRI disabled) and tears it down
-//! in Drop. They need root (containerd, runc, overlay mounts); without it they say so and pass.
-//! TODO: switch `Ctrd` to the shared `e2e::fixture::Fixture` once it lands on main.
+//! Integration tests of `worker::containerd` against a real, private containerd (the shared
+//! `e2e` fixture: `scripts/fixture.sh`). They need root; `e2e::require_root` skips loudly
+//! outside CI and fails under CI=true.
 
+use e2e::Fixture;
 use sha2::{Digest as _, Sha256};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 use worker::containerd::{
     self as ctrd, Client, Descriptor, Event, Image, Ingest, Options, WriteOutcome,
 };
 
-const SNAPSHOTTER: &str = "overlayfs";
+/// Namespace of these tests (containers, images, leases live per namespace).
+const NS: &str = "oaktest";
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipped: needs root to run containerd and runc (CI runs as root)");
-            return;
-        }
-    };
-}
-
-/// A private containerd in a temporary directory.
-struct Ctrd {
-    dir: PathBuf,
-    child: Child,
-}
-
-impl Ctrd {
-    fn start(name: &str) -> Ctrd {
-        let dir = std::env::temp_dir().join(format!("oak-ctrd-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = format!(
-            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
-             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-             [grpc]\n  address = \"{d}/c.sock\"\n[ttrpc]\n  address = \"{d}/c.sock.ttrpc\"\n",
-            d = dir.display()
-        );
-        std::fs::write(dir.join("config.toml"), config).unwrap();
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(dir.join("config.toml"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("containerd binary (apt install containerd)");
-        let c = Ctrd { dir, child };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !c.socket().exists() {
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not create its socket; see {}",
-                c.dir.join("containerd.log").display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        c
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.join("c.sock")
-    }
-
-    fn namespace(&self) -> String {
-        // runc's state dir (/run/containerd/runc/<ns>) is shared by every containerd on the
-        // host: a namespace of our own keeps parallel test runs apart.
-        format!("oaktest-{}", std::process::id())
-    }
-
-    fn client(&self) -> Client {
-        Client::new(Options::new(self.socket(), self.namespace())).unwrap()
-    }
-}
-
-impl Drop for Ctrd {
-    fn drop(&mut self) {
-        // Shims of a failed test still run; they carry our socket path on their command line.
-        let sock = self.socket().to_string_lossy().into_owned();
-        if let Ok(procs) = std::fs::read_dir("/proc") {
-            for p in procs.flatten() {
-                let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
-                    continue;
-                };
-                let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
-                if pid != self.child.id() as i32 && String::from_utf8_lossy(&cmd).contains(&sock) {
-                    // SAFETY: plain kill(2) on a pid we identified as one of our shims.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
-        // SAFETY: SIGTERM to the containerd we spawned.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // Unmount whatever is left under our dir (snapshots, shm), deepest first.
-        let dir = self.dir.to_string_lossy().into_owned();
-        let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
-            .filter(|m| m.starts_with(&dir))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mounts {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+fn client(fx: &Fixture) -> Client {
+    Client::new(Options::new(&fx.containerd_socket, NS)).unwrap()
 }
 
 fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
@@ -209,10 +105,13 @@ fn spec_json(ns: &str, id: &str) -> Vec<u8> {
 
 #[test]
 fn version_lease_and_content() {
-    require_root!();
-    let c = Ctrd::start("content");
+    if !e2e::require_root("version_lease_and_content") {
+        return;
+    }
+    let _serial = e2e::serial();
+    let fx = Fixture::start().unwrap();
     block_on(async {
-        let mut cl = c.client();
+        let mut cl = client(&fx);
         let v = cl.version().await.unwrap();
         assert!(
             v.version.contains("1.6") || v.version.contains("1.7"),
@@ -293,16 +192,34 @@ fn version_lease_and_content() {
         assert!(cl.content_info(&bd).await.unwrap_err().is_not_found());
         cl.version().await.unwrap();
     });
+    fx.stop().unwrap();
+}
+
+#[test]
+fn dead_socket_error_says_what_to_check() {
+    let dead = std::env::temp_dir().join(format!("oak-no-containerd-{}.sock", std::process::id()));
+    let mut cl = Client::new(Options::new(&dead, NS)).unwrap();
+    let e = block_on(cl.version()).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&*dead.to_string_lossy()) && msg.contains("is containerd running?"),
+        "{msg}"
+    );
+    assert!(matches!(e, ctrd::Error::Connect { .. }), "{e:?}");
 }
 
 #[test]
 fn errors_are_typed_and_clear() {
-    require_root!();
-    let c = Ctrd::start("errors");
+    if !e2e::require_root("errors_are_typed_and_clear") {
+        return;
+    }
+    let _serial = e2e::serial();
+    let fx = Fixture::start().unwrap();
+    let snapshotter = fx.snapshotter.as_str();
     block_on(async {
-        let mut cl = c.client();
+        let mut cl = client(&fx);
         let e = cl
-            .snapshot_stat(SNAPSHOTTER, "sha256:does-not-exist")
+            .snapshot_stat(snapshotter, "sha256:does-not-exist")
             .await
             .unwrap_err();
         assert!(e.is_not_found(), "{e}");
@@ -322,49 +239,44 @@ fn errors_are_typed_and_clear() {
         );
 
         // With HEADER_TABLE_SIZE=0 grpc-go stops using the dynamic table: both paths work.
-        let mut opts = Options::new(c.socket(), c.namespace());
+        let mut opts = Options::new(&fx.containerd_socket, NS);
         opts.header_table_size = Some(0);
         let mut cl0 = Client::new(opts).unwrap();
         for _ in 0..3 {
             cl0.version().await.unwrap();
             assert!(cl0
-                .snapshot_stat(SNAPSHOTTER, "missing")
+                .snapshot_stat(snapshotter, "missing")
                 .await
                 .unwrap_err()
                 .is_not_found());
         }
         assert_eq!(cl0.stats().unwrap().hpack_dynamic_entries, 0);
     });
-    // A socket nobody listens on: the message says what to check.
-    let dead = c.dir.join("nobody.sock");
-    let mut cl = Client::new(Options::new(&dead, "oaktest")).unwrap();
-    let e = block_on(cl.version()).unwrap_err();
-    let msg = e.to_string();
-    assert!(
-        msg.contains(&*dead.to_string_lossy()) && msg.contains("is containerd running?"),
-        "{msg}"
-    );
     // containerd going away under an open client: the next call fails naming the socket.
-    let mut cl = c.client();
+    let mut cl = client(&fx);
     block_on(cl.version()).unwrap();
-    let socket = c.socket();
-    drop(c);
+    let socket = fx.containerd_socket.clone();
+    fx.stop().unwrap();
     let e = block_on(cl.version()).unwrap_err();
     assert!(e.to_string().contains(&*socket.to_string_lossy()), "{e}");
 }
 
 #[test]
 fn unpack_and_run_busybox() {
-    require_root!();
-    let c = Ctrd::start("run");
-    let ns = c.namespace();
+    if !e2e::require_root("unpack_and_run_busybox") {
+        return;
+    }
+    let _serial = e2e::serial();
+    let fx = Fixture::start().unwrap();
+    let snapshotter = fx.snapshotter.as_str();
+    let runc_root = fx.runc_root.to_string_lossy().into_owned();
     let id = "oak-run-1";
-    let work = c.dir.join("work");
+    let work = fx.dir.join("ctrd-test");
     std::fs::create_dir_all(&work).unwrap();
     let layer = busybox_layer(&work);
-    let log = c.dir.join("logs").join(format!("{id}.log"));
+    let log = work.join("logs").join(format!("{id}.log"));
     block_on(async {
-        let mut cl = c.client();
+        let mut cl = client(&fx);
         cl.create_lease("oak-pull", &[]).await.unwrap();
         cl.set_lease(Some("oak-pull"));
 
@@ -381,7 +293,7 @@ fn unpack_and_run_busybox() {
             layer.len()
         );
         let manifest_digest = sha256(manifest.as_bytes());
-        let snap_label = format!("containerd.io/gc.ref.snapshot.{SNAPSHOTTER}");
+        let snap_label = format!("containerd.io/gc.ref.snapshot.{snapshotter}");
         cl.write_blob(&format!("layer-{diff_id}"), &diff_id, &layer, &[])
             .await
             .unwrap();
@@ -412,14 +324,14 @@ fn unpack_and_run_busybox() {
 
         // Unpack: Stat (NotFound) → Prepare → Apply → Commit.
         assert!(cl
-            .snapshot_stat(SNAPSHOTTER, &chain_id)
+            .snapshot_stat(snapshotter, &chain_id)
             .await
             .unwrap_err()
             .is_not_found());
         let key = format!("extract-1 {chain_id}");
         let snap_ref = [("containerd.io/snapshot.ref", chain_id.as_str())];
         let mounts = cl
-            .snapshot_prepare(SNAPSHOTTER, &key, "", &snap_ref)
+            .snapshot_prepare(snapshotter, &key, "", &snap_ref)
             .await
             .unwrap();
         assert!(!mounts.is_empty());
@@ -434,10 +346,10 @@ fn unpack_and_run_busybox() {
             applied.digest, diff_id,
             "applied digest must be the uncompressed tar's sha256"
         );
-        cl.snapshot_commit(SNAPSHOTTER, &chain_id, &key, &snap_ref)
+        cl.snapshot_commit(snapshotter, &chain_id, &key, &snap_ref)
             .await
             .unwrap();
-        let info = cl.snapshot_stat(SNAPSHOTTER, &chain_id).await.unwrap();
+        let info = cl.snapshot_stat(snapshotter, &chain_id).await.unwrap();
         assert_eq!(info.kind, ctrd::SnapshotKind::Committed);
 
         // Image record (Create, then Update on AlreadyExists).
@@ -462,22 +374,27 @@ fn unpack_and_run_busybox() {
         cl.delete_lease("oak-pull", true).await.unwrap();
 
         // Container: record first, then its snapshot (the record protects it from GC).
-        let spec = spec_json(&ns, id);
+        let spec = spec_json(NS, id);
         let created = cl
             .container_create(&ctrd::NewContainer {
                 id,
                 labels: &[("oakestra.io/test", "1")],
                 image: "oak.test/busybox:1",
                 runtime: ctrd::RUNC_V2,
+                // runc's default root is shared by every containerd on the host (fixture docs).
+                runc_options: Some(ctrd::RuncOptions {
+                    root: &runc_root,
+                    ..Default::default()
+                }),
                 spec_json: &spec,
-                snapshotter: SNAPSHOTTER,
+                snapshotter,
                 snapshot_key: id,
             })
             .await
             .unwrap();
         assert_eq!(created.id, id);
         let rootfs = cl
-            .snapshot_prepare(SNAPSHOTTER, id, &chain_id, &[])
+            .snapshot_prepare(snapshotter, id, &chain_id, &[])
             .await
             .unwrap();
         let listed = cl.container_list(&[]).await.unwrap();
@@ -487,7 +404,7 @@ fn unpack_and_run_busybox() {
         );
 
         // Subscribe BEFORE start so a fast exit is not missed.
-        let filter = format!("namespace=={ns},topic==\"/tasks/exit\"");
+        let filter = format!("namespace=={NS},topic==\"/tasks/exit\"");
         let mut events = cl.subscribe(&[&filter]).await.unwrap();
 
         let uri = format!("file://{}", log.display());
@@ -538,9 +455,10 @@ fn unpack_and_run_busybox() {
         let deleted = cl.task_delete(id).await.unwrap();
         assert_eq!(deleted.exit_status, 7);
         cl.container_delete(id).await.unwrap();
-        cl.snapshot_remove(SNAPSHOTTER, id).await.unwrap();
+        cl.snapshot_remove(snapshotter, id).await.unwrap();
         assert!(cl.task_get(id).await.unwrap_err().is_not_found());
     });
     let out = std::fs::read_to_string(&log).unwrap();
     assert_eq!(out, "hello\n");
+    fx.stop().unwrap();
 }

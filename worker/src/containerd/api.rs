@@ -546,12 +546,35 @@ impl Encode for Str1<'_> {
 
 // ------------------------------------------------------------------ containers
 
+/// `containerd.runc.v1.Options` for the runc v2 shim (spec §3.3); empty fields are omitted.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RuncOptions<'a> {
+    pub binary_name: &'a str,
+    /// runc's state root; the shim appends the namespace. The default
+    /// (`/run/containerd/runc`) is shared by every containerd on the host.
+    pub root: &'a str,
+    /// Use systemd cgroups (`cgroupsPath` then is `slice:prefix:name`).
+    pub systemd_cgroup: bool,
+}
+
+/// Proto `Any`s carry the bare message name in containerd 1.6/1.7 (spec §3.3).
+pub const RUNC_OPTIONS_TYPE_URL: &str = "containerd.runc.v1.Options";
+
+impl Encode for RuncOptions<'_> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        pb::string(out, 6, self.binary_name);
+        pb::string(out, 7, self.root);
+        pb::boolean(out, 9, self.systemd_cgroup);
+    }
+}
+
 /// What we send to Containers/Create (spec §3.3; `image` and labels are optional).
 pub struct NewContainer<'a> {
     pub id: &'a str,
     pub labels: &'a [(&'a str, &'a str)],
     pub image: &'a str,
     pub runtime: &'a str,
+    pub runc_options: Option<RuncOptions<'a>>,
     /// The OCI runtime spec as JSON bytes (built by the caller).
     pub spec_json: &'a [u8],
     pub snapshotter: &'a str,
@@ -564,7 +587,15 @@ impl Encode for NewContainer<'_> {
             pb::string(c, 1, self.id);
             labels(c, 2, self.labels);
             pb::string(c, 3, self.image);
-            pb::message(c, 4, |r| pb::string(r, 1, self.runtime));
+            pb::message(c, 4, |r| {
+                pb::string(r, 1, self.runtime);
+                if let Some(o) = &self.runc_options {
+                    pb::message(r, 2, |a| {
+                        pb::string(a, 1, RUNC_OPTIONS_TYPE_URL);
+                        pb::message(a, 2, |v| o.encode(v));
+                    });
+                }
+            });
             pb::message(c, 5, |a| {
                 pb::string(a, 1, RUNTIME_SPEC_TYPE_URL);
                 pb::bytes(a, 2, self.spec_json);
@@ -581,6 +612,7 @@ pub struct Container {
     pub labels: Labels,
     pub image: String,
     pub runtime: String,
+    pub runtime_options: Any,
     pub spec_type_url: String,
     pub spec: Vec<u8>,
     pub snapshotter: String,
@@ -598,8 +630,10 @@ impl Decode for Container {
                 2 => label(&f, &mut c.labels)?,
                 3 => c.image = f.string()?,
                 4 => pb::for_each(f.bytes()?, |r| {
-                    if r.num == 1 {
-                        c.runtime = r.string()?;
+                    match r.num {
+                        1 => c.runtime = r.string()?,
+                        2 => c.runtime_options = sub(&r)?,
+                        _ => {}
                     }
                     Ok(())
                 })?,
@@ -1094,6 +1128,10 @@ mod tests {
             labels: &[],
             image: "",
             runtime: RUNC_V2,
+            runc_options: Some(RuncOptions {
+                root: "/x/runc",
+                ..RuncOptions::default()
+            }),
             spec_json: b"{}",
             snapshotter: "overlayfs",
             snapshot_key: "c1",
@@ -1109,6 +1147,11 @@ mod tests {
         let got = got.unwrap();
         assert_eq!(got.id, "c1");
         assert_eq!(got.runtime, RUNC_V2);
+        assert_eq!(got.runtime_options.type_url, RUNC_OPTIONS_TYPE_URL);
+        assert_eq!(
+            got.runtime_options.value,
+            [0x3a, 7, b'/', b'x', b'/', b'r', b'u', b'n', b'c']
+        );
         assert_eq!(got.spec_type_url, RUNTIME_SPEC_TYPE_URL);
         assert_eq!(got.spec, b"{}");
         assert_eq!(
