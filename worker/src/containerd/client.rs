@@ -8,6 +8,7 @@
 
 use super::api::{self, path, Decode, Encode};
 use super::conn::{self, Conn, Event, Head};
+use super::frame;
 use super::grpc::{self, Code, Reassembler, Status};
 use super::pb;
 use async_io::Async;
@@ -224,6 +225,8 @@ struct Connection {
     max_message: usize,
     /// Request encoding buffer, reused.
     msg: Vec<u8>,
+    /// The last response message kept, reused.
+    resp: Vec<u8>,
     call: Call,
     /// A call is in progress; if it is still set when the next call starts, the previous
     /// future was dropped mid-call and the stream state is unknown: reconnect.
@@ -252,6 +255,7 @@ impl Connection {
             reasm: Reassembler::new(opts.max_message),
             max_message: opts.max_message,
             msg: Vec::new(),
+            resp: Vec::new(),
             call: Call::default(),
             busy: false,
         };
@@ -407,7 +411,7 @@ impl Connection {
     }
 
     /// Encodes `req` as one gRPC message into the request buffer.
-    fn encode(&mut self, req: &impl Encode) {
+    fn encode(&mut self, req: &dyn Encode) {
         self.msg.clear();
         let at = grpc::begin_message(&mut self.msg);
         req.encode(&mut self.msg);
@@ -428,63 +432,80 @@ impl Connection {
         }
     }
 
-    /// The next response message (decoded), or None when the stream ended with status OK.
-    async fn recv<R: Decode>(&mut self) -> Result<Option<R>, Error> {
+    /// Waits for the next response message. True: it is in `self.resp` (if `keep`); false:
+    /// the stream ended with status OK. Not generic, so its state machine exists once.
+    async fn next_message(&mut self, keep: bool) -> Result<bool, Error> {
         loop {
             let next = self.reasm.next_message().map_err(|e| Error::Protocol {
                 socket: self.socket.clone(),
                 detail: e.to_string(),
             })?;
             if let Some(range) = next {
-                let method = self.call.method;
-                return R::decode(self.reasm.get(range))
-                    .map(Some)
-                    .map_err(|e: pb::Error| Error::Decode {
-                        method,
-                        detail: e.to_string(),
-                    });
+                if keep {
+                    self.resp.clear();
+                    self.resp.extend_from_slice(self.reasm.get(range));
+                }
+                return Ok(true);
             }
             if let Some(end) = self.call.end.take() {
                 self.busy = false;
-                return end.map(|()| None);
+                return end.map(|()| false);
             }
             self.pump().await?;
+        }
+    }
+
+    /// Decodes the message last kept by `next_message`.
+    fn decode<R: Decode>(&self) -> Result<R, Error> {
+        decode(self.call.method, &self.resp)
+    }
+
+    /// The next response message, decoded, or None when the stream ended with status OK.
+    async fn recv<R: Decode>(&mut self) -> Result<Option<R>, Error> {
+        if self.next_message(true).await? {
+            self.decode().map(Some)
+        } else {
+            Ok(None)
         }
     }
 
     /// Reads to the end of the stream, discarding further messages (the duplicate
     /// Content/Write commit reply, spec §3.1), and returns the final status.
     async fn finish(&mut self) -> Result<(), Error> {
-        while self.recv::<()>().await?.is_some() {}
+        while self.next_message(false).await? {}
         Ok(())
     }
 
-    /// One unary call: request, exactly one response message, OK status.
-    async fn unary<R: Decode>(
+    /// One unary call: request, exactly one response message (left in `self.resp`), OK status.
+    async fn unary(
         &mut self,
         method: &'static str,
         namespace: &str,
         lease: Option<&str>,
-        req: &impl Encode,
-    ) -> Result<R, Error> {
+        req: &dyn Encode,
+    ) -> Result<(), Error> {
         self.start(method, namespace, lease)?;
         self.encode(req);
         self.send(true).await?;
-        let first = self.recv::<R>().await?;
-        match first {
-            Some(r) => {
-                self.finish().await?;
-                Ok(r)
-            }
-            None => Err(Error::Protocol {
+        if self.next_message(true).await? {
+            self.finish().await
+        } else {
+            Err(Error::Protocol {
                 socket: self.socket.clone(),
                 detail: format!(
                     "{} returned status OK without a response message",
                     short(method)
                 ),
-            }),
+            })
         }
     }
+}
+
+fn decode<R: Decode>(method: &'static str, bytes: &[u8]) -> Result<R, Error> {
+    R::decode(bytes).map_err(|e: pb::Error| Error::Decode {
+        method,
+        detail: e.to_string(),
+    })
 }
 
 /// Applies a stream event to the call state. Data is appended to the reassembler, which the
@@ -500,7 +521,9 @@ fn on_event(call: &mut Call, reasm: &mut Reassembler, max_message: usize, ev: Ev
         }
         Event::Data { data, end_stream } => {
             reasm.push(data);
-            if reasm.pending() > 2 * max_message + 2 * 16_384 {
+            // At most one partial message plus one frame is legitimately buffered: readers pop
+            // complete messages before reading the next frame.
+            if reasm.pending() > max_message + 5 + 2 * frame::DEFAULT_MAX_FRAME as usize {
                 call.end = Some(Err(Error::Decode {
                     method,
                     detail: "unrequested data beyond the message limit".into(),
@@ -587,6 +610,8 @@ pub struct Client {
     opts: Options,
     conn: Option<Connection>,
     lease: Option<String>,
+    /// The last unary response (swapped out of the connection, which may be dropped).
+    resp: Vec<u8>,
 }
 
 /// Result of writing a blob.
@@ -607,6 +632,7 @@ impl Client {
             opts,
             conn: None,
             lease: None,
+            resp: Vec::new(),
         })
     }
 
@@ -635,19 +661,19 @@ impl Client {
         self.lease = lease.map(str::to_owned);
     }
 
-    /// A unary call on the control connection. A request that containerd refused with GOAWAY
-    /// was not processed, so it is retried once on a new connection.
-    async fn unary<R: Decode>(
-        &mut self,
-        method: &'static str,
-        req: &impl Encode,
-    ) -> Result<R, Error> {
+    /// A unary call on the control connection; the response bytes are left in `self.resp`.
+    /// A request that containerd refused with GOAWAY was not processed, so it is retried once
+    /// on a new connection. Not generic: one copy of this state machine serves every method.
+    async fn call(&mut self, method: &'static str, req: &dyn Encode) -> Result<(), Error> {
         let mut retried = false;
         loop {
             let conn = reuse_or_open(&mut self.conn, &self.opts).await?;
             let res = conn
-                .unary::<R>(method, &self.opts.namespace, self.lease.as_deref(), req)
+                .unary(method, &self.opts.namespace, self.lease.as_deref(), req)
                 .await;
+            if res.is_ok() {
+                std::mem::swap(&mut self.resp, &mut conn.resp);
+            }
             let closing = conn.h2.is_closing();
             match res {
                 Err(Error::GoAway { .. }) if !retried => {
@@ -662,6 +688,15 @@ impl Client {
                 }
             }
         }
+    }
+
+    async fn unary<R: Decode>(
+        &mut self,
+        method: &'static str,
+        req: &dyn Encode,
+    ) -> Result<R, Error> {
+        self.call(method, req).await?;
+        decode(method, &self.resp)
     }
 
     /// `Version/Version`: a cheap health check.
