@@ -548,7 +548,7 @@ mod tests {
     use serde_json::json;
 
     /// The getting-started descriptor from the docs (spec §9 step 4), verbatim.
-    pub const CLIENTSRVR: &str = r#"{"sla_version":"v2.0","customerID":"Admin","applications":[{"applicationID":"","application_name":"clientsrvr","application_namespace":"test","application_desc":"Simple demo with curl client and Nginx server","microservices":[{"microserviceID":"","microservice_name":"curl","microservice_namespace":"test","virtualization":"container","cmd":["sh","-c","curl 10.30.30.30 ; sleep 5"],"memory":100,"vcpus":1,"vgpus":0,"vtpus":0,"bandwidth_in":0,"bandwidth_out":0,"storage":0,"code":"docker.io/curlimages/curl:7.82.0","state":"","port":"","added_files":[],"constraints":[]},{"microserviceID":"","microservice_name":"nginx","microservice_namespace":"test","virtualization":"container","cmd":[],"memory":100,"vcpus":1,"vgpus":0,"vtpus":0,"bandwidth_in":0,"bandwidth_out":0,"storage":0,"code":"docker.io/library/nginx:latest","state":"","port":"6080:80/tcp","addresses":{"rr_ip":"10.30.30.30"},"added_files":[]}]}]}"#;
+    pub const CLIENTSRVR: &str = include_str!("testdata/clientsrvr.json");
 
     fn base() -> Value {
         serde_json::from_str(CLIENTSRVR).unwrap()
