@@ -264,17 +264,36 @@ pub fn call(
     s.take(MAX_RESPONSE)
         .read_to_end(&mut resp)
         .map_err(|e| format!("reading answer of {authority}: {e}"))?;
-    let text = String::from_utf8_lossy(&resp);
+    parse_response(&resp).ok_or_else(|| format!("{authority} did not answer with HTTP"))
+}
+
+/// Status and body of a complete HTTP/1.x response read until close; decodes a chunked body
+/// (tiny_http, like most servers, chunks large bodies).
+pub fn parse_response(raw: &[u8]) -> Option<(u16, String)> {
+    let text = String::from_utf8_lossy(raw);
     let code = text
-        .strip_prefix("HTTP/1.")
-        .and_then(|r| r.get(2..5))
-        .and_then(|c| c.parse::<u16>().ok())
-        .ok_or_else(|| format!("{authority} did not answer with HTTP"))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((code, body))
+        .strip_prefix("HTTP/1.")?
+        .get(2..5)?
+        .parse::<u16>()
+        .ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    if !chunked {
+        return Some((code, body.to_string()));
+    }
+    let (mut rest, mut out) = (body, String::new());
+    loop {
+        let (size, after) = rest.split_once("\r\n")?;
+        let n = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if n == 0 {
+            return Some((code, out));
+        }
+        out.push_str(after.get(..n)?);
+        rest = after.get(n..)?.strip_prefix("\r\n")?;
+    }
 }
 
 #[cfg(test)]
@@ -344,5 +363,16 @@ mod tests {
         .unwrap_err();
         assert!(e.contains("cannot connect"), "{e}");
         drop(srv);
+    }
+
+    #[test]
+    fn chunked_bodies_are_decoded() {
+        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+        assert_eq!(parse_response(raw), Some((200, "abcde".into())));
+        assert_eq!(
+            parse_response(b"HTTP/1.0 404 Not Found\r\n\r\nx"),
+            Some((404, "x".into()))
+        );
+        assert_eq!(parse_response(b"SSH-2.0"), None);
     }
 }
