@@ -13,7 +13,7 @@ use orch_lite::root::{self, RootConfig, RootHandle};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,8 +26,8 @@ pub fn data_dir(name: &str) -> PathBuf {
     d
 }
 
-pub fn config(dir: &PathBuf) -> RootConfig {
-    let mut c = RootConfig::new(dir.clone());
+pub fn config(dir: &Path) -> RootConfig {
+    let mut c = RootConfig::new(dir.to_path_buf());
     c.api_addr = "127.0.0.1:0".parse().unwrap();
     c.admin_password = Some(PASSWORD.into());
     c.join_token = Some(JOIN.into());
