@@ -139,7 +139,8 @@ impl fmt::Display for DbError {
 /// Where snapshots go. The JSON file is the default; the in-memory one serves unit tests.
 pub trait Snapshot: Send + Sync {
     fn load(&self) -> Result<Option<State>, DbError>;
-    fn save(&self, state: &State) -> Result<(), DbError>;
+    /// Stores the encoded state (`serde_json` of [`State`]).
+    fn save(&self, encoded: &[u8]) -> Result<(), DbError>;
 }
 
 pub struct Memory;
@@ -148,7 +149,7 @@ impl Snapshot for Memory {
     fn load(&self) -> Result<Option<State>, DbError> {
         Ok(None)
     }
-    fn save(&self, _: &State) -> Result<(), DbError> {
+    fn save(&self, _: &[u8]) -> Result<(), DbError> {
         Ok(())
     }
 }
@@ -195,13 +196,11 @@ impl Snapshot for JsonFile {
         Ok(Some(state))
     }
 
-    fn save(&self, state: &State) -> Result<(), DbError> {
+    fn save(&self, data: &[u8]) -> Result<(), DbError> {
         use std::os::unix::fs::OpenOptionsExt;
         let fail =
             |e: std::io::Error| DbError(format!("cannot write {}: {e}", self.path.display()));
         let tmp = self.path.with_extension("json.tmp");
-        let data =
-            serde_json::to_vec(state).map_err(|e| DbError(format!("cannot encode state: {e}")))?;
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -209,7 +208,7 @@ impl Snapshot for JsonFile {
             .mode(0o600)
             .open(&tmp)
             .map_err(fail)?;
-        f.write_all(&data).map_err(fail)?;
+        f.write_all(data).map_err(fail)?;
         f.sync_all().map_err(fail)?;
         std::fs::rename(&tmp, &self.path).map_err(fail)?;
         // The rename is durable only once the directory entry is.
@@ -223,6 +222,9 @@ impl Snapshot for JsonFile {
 pub struct Db {
     state: Mutex<State>,
     snapshot: Box<dyn Snapshot>,
+    /// The last snapshot written; an unchanged state is not written again (SD cards wear, and
+    /// the liveness check retries unplaceable instances every few seconds).
+    saved: Mutex<Vec<u8>>,
 }
 
 impl Db {
@@ -233,6 +235,7 @@ impl Db {
         Ok(Db {
             state: Mutex::new(state),
             snapshot,
+            saved: Mutex::new(Vec::new()),
         })
     }
 
@@ -256,7 +259,13 @@ impl Db {
         let mut guard = self.lock();
         let mut copy = guard.clone();
         let r = f(&mut copy)?;
-        self.snapshot.save(&copy)?;
+        let data =
+            serde_json::to_vec(&copy).map_err(|e| DbError(format!("cannot encode state: {e}")))?;
+        let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
+        if *saved != data {
+            self.snapshot.save(&data)?;
+            *saved = data;
+        }
         *guard = copy;
         Ok(r)
     }
@@ -282,6 +291,17 @@ mod tests {
         });
         assert!(r.is_err());
         assert_eq!(db.read(|s| s.signing_key.clone()), "ab");
+        // An unchanged state is not written again.
+        let file = dir.join(SNAPSHOT_FILE);
+        std::fs::remove_file(&file).unwrap();
+        db.write(|_| Ok::<_, DbError>(())).unwrap();
+        assert!(!file.exists());
+        db.write(|s| {
+            s.next_subnet = 1;
+            Ok::<_, DbError>(())
+        })
+        .unwrap();
+        assert!(file.exists());
         drop(db);
         let db = Db::open(Box::new(JsonFile::in_dir(&dir).unwrap())).unwrap();
         assert_eq!(db.read(|s| s.signing_key.clone()), "ab");
