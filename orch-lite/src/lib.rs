@@ -2,3 +2,4 @@
 //! state machines, validation) behind thin I/O edges (HTTP, MQTT, store). `main.rs` picks roles.
 
 pub mod http;
+pub mod root;
