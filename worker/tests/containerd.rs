@@ -76,12 +76,12 @@ fn busybox_layer(work: &Path) -> Vec<u8> {
 }
 
 /// The minimal OCI spec of spec §5.2, with a new (empty) network namespace.
-fn spec_json(ns: &str, id: &str) -> Vec<u8> {
+fn spec_json(ns: &str, id: &str, args: &str) -> Vec<u8> {
     let caps = r#"["CAP_CHOWN","CAP_DAC_OVERRIDE","CAP_FSETID","CAP_FOWNER","CAP_MKNOD","CAP_NET_RAW","CAP_SETGID","CAP_SETUID","CAP_SETFCAP","CAP_SETPCAP","CAP_NET_BIND_SERVICE","CAP_SYS_CHROOT","CAP_KILL","CAP_AUDIT_WRITE"]"#;
     format!(
         r#"{{"ociVersion":"1.0.2",
   "process":{{"terminal":false,"user":{{"uid":0,"gid":0}},
-    "args":["/bin/busybox","sh","-c","echo hello; exit 7"],
+    "args":{args},
     "env":["PATH=/bin"],"cwd":"/",
     "capabilities":{{"bounding":{caps},"effective":{caps},"permitted":{caps}}},
     "rlimits":[{{"type":"RLIMIT_NOFILE","hard":1024,"soft":1024}}],"noNewPrivileges":true}},
@@ -173,6 +173,48 @@ fn version_lease_and_content() {
         assert_eq!(r, WriteOutcome::AlreadyExists);
         let info = cl.content_info(&bd).await.unwrap();
         assert_eq!(info.size, big.len() as i64);
+
+        // An ingest abandoned half-way (writer dropped: its connection closes) is resumed from
+        // containerd's offset by the next writer of the same ref.
+        let part: Vec<u8> = big.iter().rev().copied().take((2 << 20) + 7).collect();
+        let pd = sha256(&part);
+        let pref = format!("layer-{pd}");
+        let Ingest::Writer(mut w) = cl
+            .content_writer(&pref, &pd, part.len() as u64)
+            .await
+            .unwrap()
+        else {
+            panic!("new blob reported as existing")
+        };
+        w.write(&part[..1 << 20]).await.unwrap();
+        drop(w);
+        // The server releases the ingest lock when it notices the closed stream; until then
+        // it answers Unavailable (spec §1.4).
+        let mut tries = 0;
+        let w = loop {
+            match cl.content_writer(&pref, &pd, part.len() as u64).await {
+                Ok(Ingest::Writer(w)) => break w,
+                Ok(Ingest::Exists) => panic!("not committed yet"),
+                Err(e) if e.code() == Some(ctrd::Code::Unavailable) && tries < 100 => {
+                    tries += 1;
+                    async_io::Timer::after(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(w.offset(), 1 << 20);
+        drop(w);
+        let r = loop {
+            match cl.write_blob(&pref, &pd, &part, &[]).await {
+                Err(e) if e.code() == Some(ctrd::Code::Unavailable) => {
+                    async_io::Timer::after(Duration::from_millis(20)).await;
+                }
+                r => break r.unwrap(),
+            }
+        };
+        assert_eq!(r, WriteOutcome::Written);
+        assert_eq!(cl.content_info(&pd).await.unwrap().size, part.len() as i64);
+
         assert!(
             info.labels
                 .iter()
@@ -374,7 +416,7 @@ fn unpack_and_run_busybox() {
         cl.delete_lease("oak-pull", true).await.unwrap();
 
         // Container: record first, then its snapshot (the record protects it from GC).
-        let spec = spec_json(NS, id);
+        let spec = spec_json(NS, id, r#"["/bin/busybox","sh","-c","echo hello; exit 7"]"#);
         let created = cl
             .container_create(&ctrd::NewContainer {
                 id,
@@ -464,6 +506,60 @@ fn unpack_and_run_busybox() {
             Err(e) => panic!("{e}"),
         }
         assert!(cl.task_get(id).await.unwrap_err().is_not_found());
+
+        // A long-running task: Kill(SIGKILL) → exit 137 through events and Tasks/Delete.
+        let id2 = "oak-run-2";
+        let spec2 = spec_json(NS, id2, r#"["/bin/busybox","sleep","600"]"#);
+        cl.container_create(&ctrd::NewContainer {
+            id: id2,
+            labels: &[],
+            image: "",
+            runtime: ctrd::RUNC_V2,
+            runc_options: Some(ctrd::RuncOptions {
+                root: &runc_root,
+                ..Default::default()
+            }),
+            spec_json: &spec2,
+            snapshotter,
+            snapshot_key: id2,
+        })
+        .await
+        .unwrap();
+        let rootfs2 = cl
+            .snapshot_prepare(snapshotter, id2, &chain_id, &[])
+            .await
+            .unwrap();
+        let t = ctrd::CreateTask {
+            container_id: id2,
+            rootfs: &rootfs2,
+            stdin: "",
+            stdout: "",
+            stderr: "",
+            terminal: false,
+        };
+        cl.task_create(&t).await.unwrap();
+        cl.task_start(id2).await.unwrap();
+        assert_eq!(
+            cl.task_get(id2).await.unwrap().status,
+            ctrd::ProcessStatus::Running
+        );
+        // Deleting a running task is refused (spec §3.5).
+        assert!(cl.task_delete(id2).await.is_err());
+        cl.task_kill(id2, 9, false).await.unwrap();
+        let exit = timeout(30, "the SIGKILL exit event", async {
+            loop {
+                if let Event::TaskExit(e) = events.next().await.unwrap().event {
+                    if e.container_id == id2 && e.id == id2 {
+                        break e;
+                    }
+                }
+            }
+        })
+        .await;
+        assert_eq!(exit.exit_status, 137);
+        assert_eq!(cl.task_delete(id2).await.unwrap().exit_status, 137);
+        cl.container_delete(id2).await.unwrap();
+        let _ = cl.snapshot_remove(snapshotter, id2).await;
     });
     let out = std::fs::read_to_string(&log).unwrap();
     assert_eq!(out, "hello\n");
