@@ -11,6 +11,7 @@ pub mod checksum;
 pub mod config;
 pub mod control;
 pub mod craft;
+pub mod dataplane;
 pub mod directory;
 pub mod flows;
 pub mod icmp;
@@ -18,6 +19,7 @@ pub mod packet;
 pub mod park;
 pub mod proxy;
 pub mod table;
+pub mod tun;
 
 #[cfg(test)]
 mod proxy_tests;
