@@ -151,3 +151,16 @@ pub fn ports(pkt: &[u8]) -> (u16, u16) {
         u16::from_be_bytes([pkt[22], pkt[23]]),
     )
 }
+
+/// An ICMP error (`icmp_type`/`code`) quoting `quoted` (an IP packet or its first bytes).
+pub fn icmp_error(buf: &mut [u8], ip: &Ip, icmp_type: u8, code: u8, quoted: &[u8]) -> usize {
+    let total = 28 + quoted.len();
+    buf[20] = icmp_type;
+    buf[21] = code;
+    buf[22..28].fill(0);
+    buf[28..total].copy_from_slice(quoted);
+    ip_header(buf, ip, PROTO_ICMP, total);
+    let c = checksum::checksum(&buf[20..total]);
+    buf[22..24].copy_from_slice(&c.to_be_bytes());
+    total
+}

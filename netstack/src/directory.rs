@@ -199,6 +199,14 @@ impl Directory {
         Some(entry.candidates[i])
     }
 
+    /// Any instance of a service, without advancing round robin (for ICMP errors, whose
+    /// destination is always an InstanceIP with one instance).
+    pub fn first_candidate(&self, s: Handle) -> Option<Handle> {
+        self.services
+            .value(s)
+            .and_then(|e| e.candidates.first().copied())
+    }
+
     fn job_handle(&mut self, now: Millis, job: &JobName) -> Result<(Handle, bool), DirectoryError> {
         if let Some(h) = self.jobs.find(job) {
             return Ok((h, false));

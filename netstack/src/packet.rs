@@ -273,3 +273,112 @@ mod tests {
         assert_eq!(parse_l4(&p, &h), Ok(L4::Ports { src: 0, dst: 0 }));
     }
 }
+
+/// The packet quoted inside an ICMP error: its header fields and transport key, as far as
+/// the quote goes (RFC 792 guarantees the IP header and 8 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quoted {
+    /// Offset of the quoted IP header in the outer packet.
+    pub offset: usize,
+    pub header_len: usize,
+    /// Bytes of the quote present (header included).
+    pub available: usize,
+    pub proto: u8,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    /// Source and destination port, or (identifier, 0) for an ICMP echo.
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+/// Parses the quote of an ICMP error packet `pkt` (outer header `h`).
+pub fn parse_quoted(pkt: &[u8], h: &Ipv4Header) -> Result<Quoted, Malformed> {
+    let offset = h.header_len + 8;
+    let q = pkt
+        .get(offset..h.total_len)
+        .ok_or(Malformed::TruncatedL4Header)?;
+    if q.len() < 20 + 8 {
+        return Err(Malformed::TruncatedL4Header);
+    }
+    if q[0] >> 4 != 4 {
+        return Err(Malformed::NotIpv4);
+    }
+    let header_len = usize::from(q[0] & 0x0f) * 4;
+    if header_len < 20 {
+        return Err(Malformed::BadIhl);
+    }
+    if q.len() < header_len + 8 {
+        return Err(Malformed::TruncatedL4Header);
+    }
+    let l4 = &q[header_len..];
+    let proto = q[9];
+    let (src_port, dst_port) = match proto {
+        PROTO_TCP | PROTO_UDP => (
+            u16::from_be_bytes([l4[0], l4[1]]),
+            u16::from_be_bytes([l4[2], l4[3]]),
+        ),
+        PROTO_ICMP if matches!(l4[0], ICMP_ECHO_REQUEST | ICMP_ECHO_REPLY) => {
+            (u16::from_be_bytes([l4[4], l4[5]]), 0)
+        }
+        _ => return Err(Malformed::BadL4Length),
+    };
+    Ok(Quoted {
+        offset,
+        header_len,
+        available: q.len(),
+        proto,
+        src: Ipv4Addr::new(q[12], q[13], q[14], q[15]),
+        dst: Ipv4Addr::new(q[16], q[17], q[18], q[19]),
+        src_port,
+        dst_port,
+    })
+}
+
+/// Rewrites the quoted packet's addresses (its IP checksum and, when quoted, its TCP/UDP
+/// checksum incrementally), then recomputes the ICMP checksum over the whole message. The
+/// outer header is not touched.
+pub fn rewrite_quoted(
+    pkt: &mut [u8],
+    h: &Ipv4Header,
+    q: &mut Quoted,
+    new_src: Option<Ipv4Addr>,
+    new_dst: Option<Ipv4Addr>,
+) {
+    let base = q.offset;
+    let l4 = base + q.header_len;
+    let l4_csum = match q.proto {
+        PROTO_TCP if q.available >= q.header_len + 18 => Some(l4 + 16),
+        PROTO_UDP if pkt[l4 + 6..l4 + 8] != [0, 0] => Some(l4 + 6),
+        _ => None,
+    };
+    let mut ip_c = read16(pkt, base + 10);
+    let mut l4_c = l4_csum.map(|o| read16(pkt, o));
+    for (field, new) in [(base + 12, new_src), (base + 16, new_dst)] {
+        let Some(new) = new else { continue };
+        let old = u32::from_be_bytes([pkt[field], pkt[field + 1], pkt[field + 2], pkt[field + 3]]);
+        let new = u32::from(new);
+        pkt[field..field + 4].copy_from_slice(&new.to_be_bytes());
+        ip_c = checksum::update32(ip_c, old, new);
+        l4_c = l4_c.map(|c| checksum::update32(c, old, new));
+    }
+    pkt[base + 10..base + 12].copy_from_slice(&ip_c.to_be_bytes());
+    if let (Some(o), Some(c)) = (l4_csum, l4_c) {
+        let c = if q.proto == PROTO_UDP && c == 0 {
+            0xffff
+        } else {
+            c
+        };
+        pkt[o..o + 2].copy_from_slice(&c.to_be_bytes());
+    }
+    if let Some(s) = new_src {
+        q.src = s;
+    }
+    if let Some(d) = new_dst {
+        q.dst = d;
+    }
+    // ICMP errors are rare and at most a few hundred bytes: recompute rather than track.
+    let icmp = h.header_len;
+    pkt[icmp + 2..icmp + 4].fill(0);
+    let c = checksum::checksum(&pkt[icmp..h.total_len]);
+    pkt[icmp + 2..icmp + 4].copy_from_slice(&c.to_be_bytes());
+}

@@ -257,7 +257,10 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(cfg: ProxyConfig) -> Proxy {
+    pub fn new(mut cfg: ProxyConfig) -> Proxy {
+        // Every IPv4 link carries 576 bytes (RFC 791), and our ICMP errors are at most that
+        // long, so they never trigger "fragmentation needed" themselves.
+        cfg.tunnel_mtu = cfg.tunnel_mtu.max(576);
         let hasher = Hasher::default();
         let c = cfg.capacity;
         Proxy {
@@ -439,7 +442,7 @@ impl Proxy {
         let (local_port, remote_port) = match packet::parse_l4(&buf[..h.total_len], &h) {
             Ok(L4::Ports { src, dst }) => (src, dst),
             Ok(L4::Echo { ident, .. }) => (ident, 0),
-            Ok(L4::IcmpError { .. }) => return self.drop(DropReason::IcmpErrorNotTranslated),
+            Ok(L4::IcmpError { .. }) => return self.outgoing_icmp_error(now, buf, h, src_iip),
             Ok(L4::Other) => return self.drop(DropReason::UnsupportedProtocol),
             Err(m) => return self.drop(DropReason::Malformed(m)),
         };
@@ -639,7 +642,7 @@ impl Proxy {
         let (local_port, remote_port) = match packet::parse_l4(&buf[..h.total_len], &h) {
             Ok(L4::Ports { src, dst }) => (dst, src),
             Ok(L4::Echo { ident, .. }) => (ident, 0),
-            Ok(L4::IcmpError { .. }) => return self.drop(DropReason::IcmpErrorNotTranslated),
+            Ok(L4::IcmpError { .. }) => return self.incoming_icmp_error(now, buf, h),
             Ok(L4::Other) => return self.drop(DropReason::UnsupportedProtocol),
             Err(m) => return self.drop(DropReason::Malformed(m)),
         };
@@ -670,6 +673,96 @@ impl Proxy {
             self.frags.record(now, frag_key, d, timeouts.fragment_ms);
         }
         packet::rewrite_addrs(buf, &mut h, new_src, None);
+        self.stats.to_tun += 1;
+        Action::WriteToTun { len: h.total_len }
+    }
+
+    /// An ICMP error from a local instance about a packet it received over the overlay. On
+    /// the wire the quote must read as the packet travelled between the workers (sender's
+    /// InstanceIP → our nsIP), so the far side can map it back; the outer packet is
+    /// translated like a reply.
+    fn outgoing_icmp_error(
+        &mut self,
+        now: Millis,
+        buf: &mut [u8],
+        mut h: Ipv4Header,
+        src_iip: Ipv4Addr,
+    ) -> Action {
+        let mut q = match packet::parse_quoted(buf, &h) {
+            Ok(q) if q.dst == h.src => q,
+            Ok(_) => return self.drop(DropReason::IcmpErrorNotTranslated),
+            Err(m) => return self.drop(DropReason::Malformed(m)),
+        };
+        // The quoted packet, seen from our instance, is the remote end talking to it.
+        let key = FlowKey {
+            proto: q.proto,
+            local: q.dst,
+            local_port: q.dst_port,
+            remote: q.src,
+            remote_port: q.src_port,
+        };
+        let idle = idle_ms(&self.cfg.timeouts, q.proto);
+        let flow = self
+            .flows
+            .lookup_fwd(now, &key, idle)
+            .and_then(|fh| self.flows.get(fh).copied());
+        let (target, quoted_src) = match flow {
+            // our instance had dialled a service IP: the quote's source becomes the instance
+            // that really sent it, as it was on the wire
+            Some(f) => (Some(f.target), Some(f.reply_from).filter(|r| *r != q.src)),
+            // the quote's source is already an InstanceIP: find that instance
+            None => (
+                self.dir
+                    .service(h.dst)
+                    .and_then(|s| self.dir.first_candidate(s)),
+                None,
+            ),
+        };
+        let Some((nsip, peer)) = target
+            .and_then(|t| self.dir.instance(t))
+            .map(|e| (e.nsip, e.peer))
+        else {
+            return self.drop(DropReason::IcmpErrorNotTranslated);
+        };
+        packet::rewrite_quoted(buf, &h, &mut q, quoted_src, None);
+        let d = FragDecision {
+            new_src: Some(src_iip),
+            new_dst: Some(nsip),
+            peer,
+            hairpin: peer.is_none(),
+        };
+        self.emit(now, buf, &mut h, d)
+    }
+
+    /// An ICMP error for a local instance about a packet it sent through the overlay: the
+    /// quote is mapped back to what the instance sent (its nsIP → the address it dialled), the
+    /// outer source to that dialled address.
+    fn incoming_icmp_error(&mut self, now: Millis, buf: &mut [u8], mut h: Ipv4Header) -> Action {
+        let mut q = match packet::parse_quoted(buf, &h) {
+            Ok(q) => q,
+            Err(m) => return self.drop(DropReason::Malformed(m)),
+        };
+        let rev = FlowKey {
+            proto: q.proto,
+            local: h.dst,
+            local_port: q.src_port,
+            remote: h.src,
+            remote_port: q.dst_port,
+        };
+        let idle = idle_ms(&self.cfg.timeouts, q.proto);
+        if let Some(f) = self
+            .flows
+            .lookup_rev(now, &rev, idle)
+            .and_then(|fh| self.flows.get(fh).copied())
+        {
+            packet::rewrite_quoted(buf, &h, &mut q, Some(f.fwd.local), Some(f.fwd.remote));
+            let outer_src = Some(f.fwd.remote).filter(|s| *s != h.src);
+            packet::rewrite_addrs(buf, &mut h, outer_src, None);
+        } else if q.src != h.dst {
+            // Not a flow we opened: the quote names our instance by its InstanceIP; give the
+            // instance its own address back so its kernel finds the socket.
+            packet::rewrite_quoted(buf, &h, &mut q, Some(h.dst), None);
+        }
         self.stats.to_tun += 1;
         Action::WriteToTun { len: h.total_len }
     }

@@ -932,10 +932,27 @@ fn random_bytes_never_panic() {
             // a valid packet with a few random bytes flipped
             _ => {
                 let sport = (next() % 64) as u16;
-                let n = match r % 3 {
+                let n = match r % 5 {
                     0 => craft::tcp(&mut buf, &Ip::new(A_NS, API_RR), sport, 80, 2, b"abc"),
                     1 => craft::udp(&mut buf, &Ip::new(A_NS, API_RR), sport, 53, b"abcdef"),
-                    _ => craft::icmp_echo(&mut buf, &Ip::new(B_IIP, A_NS), false, sport, 1, b"x"),
+                    2 => craft::icmp_echo(&mut buf, &Ip::new(B_IIP, A_NS), false, sport, 1, b"x"),
+                    // ICMP errors quoting a real packet, outgoing and incoming
+                    k => {
+                        let mut q = [0u8; 64];
+                        let qn = craft::udp(
+                            &mut q,
+                            &Ip::new(A_IIP, Ipv4Addr::new(10, 18, 0, 66 + (sport % 4) as u8)),
+                            sport,
+                            53,
+                            b"q",
+                        );
+                        let outer = if k == 3 {
+                            Ip::new(A_NS, B_IIP)
+                        } else {
+                            Ip::new(B_IIP, A_NS)
+                        };
+                        craft::icmp_error(&mut buf, &outer, 3, 3, &q[..qn])
+                    }
                 };
                 for _ in 0..(next() % 4) {
                     let at = (next() % n as u64) as usize;
@@ -969,5 +986,100 @@ fn random_bytes_never_panic() {
     assert!(
         forwarded > 1000,
         "the generator also produced valid traffic ({forwarded})"
+    );
+}
+
+/// Port unreachable from the server's kernel, about a datagram the client sent to the RR IP:
+/// the client must get it quoting exactly what it sent (its nsIP → the RR IP).
+#[test]
+fn icmp_errors_from_a_server_reach_the_client_translated() {
+    let mut w1 = worker1(cfg());
+    let mut w2 = worker2(cfg());
+    w1.apply_table_update(Millis(0), &api_update()).unwrap();
+    w2.apply_table_update(Millis(0), &front_update()).unwrap();
+    let mut buf = [0u8; 2048];
+    let n = craft::udp(&mut buf, &Ip::new(A_NS, API_RR), 40000, 53, b"query");
+    let sent_by_a: Vec<u8> = buf[..n].to_vec();
+    let Action::SendToPeer { len, .. } = w1.on_packet(Millis(1), &mut buf, n, Source::Tun) else {
+        panic!()
+    };
+    assert_eq!(
+        w2.on_packet(Millis(2), &mut buf, len, Source::Peer(W1)),
+        Action::WriteToTun { len }
+    );
+    let seen_by_b: Vec<u8> = buf[..len].to_vec();
+    // B's kernel: port unreachable, from B's nsIP to the source it saw, quoting the datagram
+    let n = craft::icmp_error(&mut buf, &Ip::new(B_NS, A_IIP), 3, 3, &seen_by_b);
+    let Action::SendToPeer { peer, len } = w2.on_packet(Millis(3), &mut buf, n, Source::Tun) else {
+        panic!()
+    };
+    assert_eq!(peer, W1);
+    assert_eq!((craft::src(&buf), craft::dst(&buf)), (B_IIP, A_NS));
+    assert_valid(&buf[..len]);
+    let Action::WriteToTun { len } = w1.on_packet(Millis(4), &mut buf, len, Source::Peer(W2))
+    else {
+        panic!()
+    };
+    assert_eq!((craft::src(&buf), craft::dst(&buf)), (API_RR, A_NS));
+    assert_valid(&buf[..len]);
+    assert_eq!((buf[20], buf[21]), (3, 3));
+    let quote = &buf[28..len];
+    assert!(craft::ip_checksum_ok(quote));
+    assert_eq!((craft::src(quote), craft::dst(quote)), (A_NS, API_RR));
+    // byte for byte what A sent, except TTL (and so the header checksum)
+    for i in (0..sent_by_a.len()).filter(|i| !matches!(i, 8 | 10 | 11)) {
+        assert_eq!(quote[i], sent_by_a[i], "quoted byte {i}");
+    }
+    assert!(
+        craft::l4_checksum_ok(quote),
+        "quoted UDP checksum still valid"
+    );
+}
+
+/// The reverse case: the client's kernel rejects a reply; the server gets the error quoting
+/// its reply as it sent it (its nsIP → the client's InstanceIP).
+#[test]
+fn icmp_errors_from_a_client_reach_the_server_translated() {
+    let mut w1 = worker1(cfg());
+    let mut w2 = worker2(cfg());
+    w1.apply_table_update(Millis(0), &api_update()).unwrap();
+    w2.apply_table_update(Millis(0), &front_update()).unwrap();
+    let mut buf = [0u8; 2048];
+    let n = craft::udp(&mut buf, &Ip::new(A_NS, API_RR), 40000, 53, b"query");
+    let Action::SendToPeer { len, .. } = w1.on_packet(Millis(1), &mut buf, n, Source::Tun) else {
+        panic!()
+    };
+    w2.on_packet(Millis(2), &mut buf, len, Source::Peer(W1));
+    let n = craft::udp(&mut buf, &Ip::new(B_NS, A_IIP), 53, 40000, b"answer");
+    let sent_by_b: Vec<u8> = buf[..n].to_vec();
+    let Action::SendToPeer { len, .. } = w2.on_packet(Millis(3), &mut buf, n, Source::Tun) else {
+        panic!()
+    };
+    let Action::WriteToTun { len } = w1.on_packet(Millis(4), &mut buf, len, Source::Peer(W2))
+    else {
+        panic!()
+    };
+    let seen_by_a: Vec<u8> = buf[..len].to_vec();
+    let n = craft::icmp_error(&mut buf, &Ip::new(A_NS, API_RR), 3, 3, &seen_by_a[..28]);
+    let Action::SendToPeer { peer, len } = w1.on_packet(Millis(5), &mut buf, n, Source::Tun) else {
+        panic!()
+    };
+    assert_eq!(peer, W2);
+    assert_eq!((craft::src(&buf), craft::dst(&buf)), (A_IIP, B_NS));
+    assert_valid(&buf[..len]);
+    let Action::WriteToTun { len } = w2.on_packet(Millis(6), &mut buf, len, Source::Peer(W1))
+    else {
+        panic!()
+    };
+    assert_eq!((craft::src(&buf), craft::dst(&buf)), (A_IIP, B_NS));
+    assert_valid(&buf[..len]);
+    let quote = &buf[28..len];
+    assert_eq!((craft::src(quote), craft::dst(quote)), (B_NS, A_IIP));
+    assert!(craft::ip_checksum_ok(quote));
+    assert_eq!(&quote[20..24], &sent_by_b[20..24], "ports");
+    assert_eq!(
+        &quote[26..28],
+        &sent_by_b[26..28],
+        "UDP checksum back to what B computed"
     );
 }

@@ -59,6 +59,7 @@ fn worker(
     nsip: Ipv4Addr,
     sfx: &str,
     n: u8,
+    tunnel_mtu: u16,
 ) -> Worker {
     let br = format!("br{n}-{sfx}");
     let host_end = format!("vh{n}-{sfx}");
@@ -76,10 +77,11 @@ fn worker(
     for k in ["all", "default"] {
         topo.sysctl(w, &format!("net.ipv4.conf.{k}.rp_filter"), "0");
     }
-    let cfg = DataplaneConfig {
+    let mut cfg = DataplaneConfig {
         tun_name: format!("oak{n}-{sfx}"),
         ..DataplaneConfig::default()
     };
+    cfg.proxy.tunnel_mtu = tunnel_mtu;
     let dp = in_netns(w, move || Dataplane::open(&cfg).map_err(|e| e.to_string()))
         .join()
         .unwrap()
@@ -102,7 +104,7 @@ struct Overlay {
     topo: Topology,
 }
 
-fn overlay() -> Overlay {
+fn overlay(tunnel_mtu: u16) -> Overlay {
     let sfx = suffix();
     let mut topo = Topology::default();
     let w1 = topo.netns(&format!("oakw1-{sfx}"));
@@ -140,6 +142,7 @@ fn overlay() -> Overlay {
         A_NS,
         &sfx,
         1,
+        tunnel_mtu,
     );
     let wk2 = worker(
         &mut topo,
@@ -149,6 +152,7 @@ fn overlay() -> Overlay {
         B_NS,
         &sfx,
         2,
+        tunnel_mtu,
     );
     let front = table(FRONT, A_NS, W1_IP, A_IIP, None);
     let api = table(API, B_NS, W2_IP, B_IIP, Some(RR));
@@ -183,7 +187,7 @@ fn ping_tcp_and_udp_through_a_service_ip() {
     if skip_unless_root("ping_tcp_and_udp_through_a_service_ip") {
         return;
     }
-    let o = overlay();
+    let o = overlay(1450);
 
     // ICMP echo to the RR service IP, across the tunnel and back.
     let out = o.topo.exec(
@@ -266,6 +270,21 @@ fn ping_tcp_and_udp_through_a_service_ip() {
     assert_eq!(echo, b"datagram");
     assert_eq!(from, SocketAddrV4::new(B_IIP, 5353).into());
 
+    // UDP to a closed port: B's port unreachable comes back translated, so the client's
+    // connected socket sees ECONNREFUSED (upstream drops ICMP, and the client just waits).
+    let refused = in_netns(&o.i1, || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.connect(SocketAddrV4::new(RR, 9)).unwrap();
+        s.send(b"anyone?").unwrap();
+        let mut b = [0u8; 16];
+        s.recv(&mut b).map_err(|e| e.kind())
+    });
+    assert_eq!(
+        refused.join().unwrap(),
+        Err(std::io::ErrorKind::ConnectionRefused)
+    );
+
     let s1 = o.w1.handle.stats().unwrap();
     let s2 = o.w2.handle.stats().unwrap();
     println!("w1: {s1:?}\nw2: {s2:?}");
@@ -277,7 +296,7 @@ fn unknown_service_ip_parks_queries_and_answers_unreachable() {
     if skip_unless_root("unknown_service_ip_parks_queries_and_answers_unreachable") {
         return;
     }
-    let o = overlay();
+    let o = overlay(1450);
     let unknown = "10.30.99.99";
     // one ping, 4 s deadline: the query goes out, nobody answers, ICMP unreachable after 2 s
     let out = o.topo.exec(&o.i1, &["ping", "-c", "1", "-W", "4", unknown]);
@@ -296,4 +315,84 @@ fn unknown_service_ip_parks_queries_and_answers_unreachable() {
     assert!(out.status.success());
     let _ = &o.w2;
     let _ = &o.i2;
+}
+
+#[test]
+fn oversize_with_df_gets_fragmentation_needed_from_the_overlay() {
+    if skip_unless_root("oversize_with_df_gets_fragmentation_needed_from_the_overlay") {
+        return;
+    }
+    // a tunnel MTU below the TUN's, so the proxy (not the kernel) is the one that objects
+    let o = overlay(1400);
+    let out = o.topo.exec(
+        &o.i1,
+        &[
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            "-M",
+            "do",
+            "-s",
+            "1420",
+            &RR.to_string(),
+        ],
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.to_lowercase().contains("mtu = 1400") || text.contains("mtu=1400"),
+        "no frag-needed with MTU 1400: {text}"
+    );
+    // the sender's kernel learnt the path MTU: the next oversize ping fails locally, and a
+    // ping that fits goes through
+    let out = o.topo.exec(
+        &o.i1,
+        &[
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            "-M",
+            "do",
+            "-s",
+            "1372",
+            &RR.to_string(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // without DF the packet is sent whole and the kernel fragments the outer datagram
+    let out = o.topo.exec(
+        &o.i1,
+        &[
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            "-M",
+            "dont",
+            "-s",
+            "1420",
+            &RR.to_string(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let s1 = o.w1.handle.stats().unwrap();
+    assert!(s1.icmp_sent >= 1, "{s1:?}");
+    let _ = (&o.w2, &o.i2, &o.w1_ns);
 }
