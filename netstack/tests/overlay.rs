@@ -51,16 +51,24 @@ struct Worker {
 
 /// Builds worker namespace `w` with bridge `S+1/26`, instance namespace `i` at `nsip`, and
 /// starts the data plane in `w`.
-fn worker(
-    topo: &mut Topology,
-    w: &str,
-    i: &str,
+/// One worker's side of the topology: its namespace, its instance's namespace, its /26, the
+/// instance's nsIP and a digit for link names.
+struct Side<'a> {
+    w: &'a str,
+    i: &'a str,
     subnet: Ipv4Addr,
     nsip: Ipv4Addr,
-    sfx: &str,
     n: u8,
-    tunnel_mtu: u16,
-) -> Worker {
+}
+
+fn worker(topo: &mut Topology, side: Side, sfx: &str, tunnel_mtu: u16) -> Worker {
+    let Side {
+        w,
+        i,
+        subnet,
+        nsip,
+        n,
+    } = side;
     let br = format!("br{n}-{sfx}");
     let host_end = format!("vh{n}-{sfx}");
     let inst_end = format!("vi{n}-{sfx}");
@@ -134,26 +142,22 @@ fn overlay(tunnel_mtu: u16) -> Overlay {
         ],
     );
     topo.ip(&w2, &["link", "set", &format!("vw2-{sfx}"), "up"]);
-    let wk1 = worker(
-        &mut topo,
-        &w1,
-        &i1,
-        Ipv4Addr::new(10, 18, 0, 0),
-        A_NS,
-        &sfx,
-        1,
-        tunnel_mtu,
-    );
-    let wk2 = worker(
-        &mut topo,
-        &w2,
-        &i2,
-        Ipv4Addr::new(10, 18, 0, 64),
-        B_NS,
-        &sfx,
-        2,
-        tunnel_mtu,
-    );
+    let side1 = Side {
+        w: &w1,
+        i: &i1,
+        subnet: Ipv4Addr::new(10, 18, 0, 0),
+        nsip: A_NS,
+        n: 1,
+    };
+    let wk1 = worker(&mut topo, side1, &sfx, tunnel_mtu);
+    let side2 = Side {
+        w: &w2,
+        i: &i2,
+        subnet: Ipv4Addr::new(10, 18, 0, 64),
+        nsip: B_NS,
+        n: 2,
+    };
+    let wk2 = worker(&mut topo, side2, &sfx, tunnel_mtu);
     let front = table(FRONT, A_NS, W1_IP, A_IIP, None);
     let api = table(API, B_NS, W2_IP, B_IIP, Some(RR));
     assert_eq!(
