@@ -75,6 +75,23 @@ pub enum DirectoryError {
     NotLocal,
 }
 
+impl std::fmt::Display for DirectoryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DirectoryError::InstanceTableFull => {
+                "instance table full of local instances: raise the instance capacity"
+            }
+            DirectoryError::PeerTableFull => "peer table full: raise the peer capacity",
+            DirectoryError::JobTableFull => {
+                "job table full of jobs with local instances: raise the job capacity"
+            }
+            DirectoryError::NotLocal => "address is outside this worker's subnet",
+        })
+    }
+}
+
+impl std::error::Error for DirectoryError {}
+
 /// Result of applying a table query answer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Applied {

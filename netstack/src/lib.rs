@@ -20,6 +20,7 @@ pub mod packet;
 pub mod park;
 pub mod plumbing;
 pub mod proxy;
+pub mod session;
 pub mod table;
 pub mod tun;
 

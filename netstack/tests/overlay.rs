@@ -160,16 +160,12 @@ fn overlay(tunnel_mtu: u16) -> Overlay {
     let wk2 = worker(&mut topo, side2, &sfx, tunnel_mtu);
     let front = table(FRONT, A_NS, W1_IP, A_IIP, None);
     let api = table(API, B_NS, W2_IP, B_IIP, Some(RR));
-    assert_eq!(
-        wk1.handle
-            .deploy_local(JobName::parse(FRONT).unwrap(), 0, A_NS),
-        Ok(true)
-    );
-    assert_eq!(
-        wk2.handle
-            .deploy_local(JobName::parse(API).unwrap(), 0, B_NS),
-        Ok(true)
-    );
+    let front_job = JobName::parse(FRONT).unwrap();
+    assert!(wk1.handle.deploy_local(front_job, 0, A_NS).unwrap());
+    assert!(wk2
+        .handle
+        .deploy_local(JobName::parse(API).unwrap(), 0, B_NS)
+        .unwrap());
     for w in [&wk1, &wk2] {
         w.handle.send(Command::ApplyTableUpdate(front.clone()));
         w.handle.send(Command::ApplyTableUpdate(api.clone()));
