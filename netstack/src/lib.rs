@@ -4,8 +4,17 @@
 //!
 //! The pure core (no I/O, no clock, no allocation per packet): [`packet`], [`checksum`],
 //! [`icmp`], [`table`], [`directory`], [`flows`], [`park`] and the engine [`proxy`]. The wire
-//! contract with the cluster service manager: [`control`]. The Linux edge: [`tun`],
-//! [`dataplane`].
+//! contract with the cluster service manager: [`control`] (payloads, topics, validation) and
+//! [`session`] (the conversation as a state machine). The Linux edge: [`tun`] and
+//! [`dataplane`] (the packet loop), [`netlink`] and [`plumbing`] (bridge, veth, addresses).
+//! [`craft`] builds packets for tests.
+//!
+//! Where to look for:
+//! - a packet leaving an instance: `Proxy::on_packet(.., Source::Tun)` → `outgoing`;
+//! - a tunnel datagram: `Proxy::on_packet(.., Source::Peer(_))` → `incoming`;
+//! - a table miss: `Proxy::miss` → `park::ParkingLot`, released by `Proxy::poll`;
+//! - a table query result: `session::Session::on_message` → `Proxy::apply_table_update`;
+//! - a container's veth and address: `plumbing::Plumbing::attach`.
 
 pub mod checksum;
 pub mod config;

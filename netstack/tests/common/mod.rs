@@ -22,15 +22,17 @@ pub fn skip_unless_root(test: &str) -> bool {
     true
 }
 
+/// 4 hex digits, different for every call in this process and unlikely to collide with
+/// another test process.
 pub fn suffix() -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    format!(
-        "{:04x}",
-        (t ^ std::process::id().wrapping_mul(2_654_435_761)) & 0xffff
-    )
+    let r = (t ^ std::process::id().wrapping_mul(2_654_435_761)) & 0xfff0;
+    format!("{:04x}", r | (n & 0xf))
 }
 
 /// Runs a command, panicking with its output on failure.
