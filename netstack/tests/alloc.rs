@@ -1,0 +1,179 @@
+//! Proves the data path allocates nothing per packet in steady state: a counting global
+//! allocator (own test binary, so it affects no other test) watches the forward and reply
+//! paths of two engines exchanging TCP, UDP and ICMP echo through a service IP, including
+//! new flows and flow-table eviction churn.
+
+use netstack::control::{JobName, NodeSubnet, TableQueryResult};
+use netstack::craft::{self, Ip};
+use netstack::proxy::{Action, Proxy, ProxyConfig, Source};
+use netstack::Millis;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+struct Counting;
+
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    static ARMED: Cell<bool> = const { Cell::new(false) };
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        if ARMED.with(|a| a.get()) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        if ARMED.with(|a| a.get()) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static A: Counting = Counting;
+
+/// Allocations made by `f` on this thread.
+fn count(f: impl FnOnce()) -> u64 {
+    let before = ALLOCS.load(Ordering::Relaxed);
+    ARMED.with(|a| a.set(true));
+    f();
+    ARMED.with(|a| a.set(false));
+    ALLOCS.load(Ordering::Relaxed) - before
+}
+
+const A_NS: Ipv4Addr = Ipv4Addr::new(10, 18, 0, 2);
+const A_IIP: Ipv4Addr = Ipv4Addr::new(10, 30, 0, 2);
+const B_NS: Ipv4Addr = Ipv4Addr::new(10, 18, 0, 66);
+const RR: Ipv4Addr = Ipv4Addr::new(10, 30, 1, 30);
+const W1: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 10), 50103);
+const W2: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 20), 50103);
+
+fn table(
+    app: &str,
+    ns: Ipv4Addr,
+    host: SocketAddrV4,
+    iip: Ipv4Addr,
+    rr: Option<Ipv4Addr>,
+) -> netstack::control::TableUpdate {
+    let rr = rr
+        .map(|r| format!(r#"{{"IpType":"RR","Address":"{r}"}},"#))
+        .unwrap_or_default();
+    let j = format!(
+        r#"{{"app_name":"{app}","query_key":"{app}","instance_list":[{{"instance_number":0,"namespace_ip":"{ns}",
+        "host_ip":"{}","host_port":{},"service_ip":[{rr}{{"IpType":"instance_ip","Address":"{iip}"}}]}}]}}"#,
+        host.ip(),
+        host.port()
+    );
+    TableQueryResult::decode(j.as_bytes())
+        .unwrap()
+        .validate(Ipv4Addr::new(10, 30, 0, 0), 16)
+        .unwrap()
+}
+
+#[test]
+fn zero_allocations_per_packet_forward_and_reply() {
+    let mut cfg = ProxyConfig::default();
+    cfg.capacity.flows = 256;
+    let front = table("shop.prod.front.prod", A_NS, W1, A_IIP, None);
+    let api = table(
+        "shop.prod.api.prod",
+        B_NS,
+        W2,
+        Ipv4Addr::new(10, 30, 0, 3),
+        Some(RR),
+    );
+    let mut w1 = Proxy::new(cfg);
+    w1.set_subnet(NodeSubnet {
+        v4: Ipv4Addr::new(10, 18, 0, 0),
+        v6: None,
+    });
+    w1.deploy_local(
+        Millis(0),
+        &JobName::parse("shop.prod.front.prod").unwrap(),
+        0,
+        A_NS,
+    )
+    .unwrap();
+    w1.apply_table_update(Millis(0), &front).unwrap();
+    w1.apply_table_update(Millis(0), &api).unwrap();
+    let mut w2 = Proxy::new(cfg);
+    w2.set_subnet(NodeSubnet {
+        v4: Ipv4Addr::new(10, 18, 0, 64),
+        v6: None,
+    });
+    w2.deploy_local(
+        Millis(0),
+        &JobName::parse("shop.prod.api.prod").unwrap(),
+        0,
+        B_NS,
+    )
+    .unwrap();
+    w2.apply_table_update(Millis(0), &api).unwrap();
+    w2.apply_table_update(Millis(0), &front).unwrap();
+
+    // the counter itself works
+    assert_eq!(count(|| drop(std::hint::black_box(vec![1u8; 8]))), 1);
+    let mut buf = vec![0u8; 65536];
+    let mut exchange = |w1: &mut Proxy, w2: &mut Proxy, now: Millis, kind: u16, sport: u16| {
+        let ip = Ip::new(A_NS, RR);
+        let n = match kind % 3 {
+            0 => craft::tcp(&mut buf, &ip, sport, 80, 0x10, b"request"),
+            1 => craft::udp(&mut buf, &ip, sport, 53, b"request"),
+            _ => craft::icmp_echo(&mut buf, &ip, true, sport, 1, b"request"),
+        };
+        let Action::SendToPeer { len, .. } = w1.on_packet(now, &mut buf, n, Source::Tun) else {
+            panic!("forward")
+        };
+        let Action::WriteToTun { .. } = w2.on_packet(now, &mut buf, len, Source::Peer(W1)) else {
+            panic!("deliver")
+        };
+        let ip = Ip::new(B_NS, A_IIP);
+        let n = match kind % 3 {
+            0 => craft::tcp(&mut buf, &ip, 80, sport, 0x10, b"reply"),
+            1 => craft::udp(&mut buf, &ip, 53, sport, b"reply"),
+            _ => craft::icmp_echo(&mut buf, &ip, false, sport, 1, b"reply"),
+        };
+        let Action::SendToPeer { len, .. } = w2.on_packet(now, &mut buf, n, Source::Tun) else {
+            panic!("reply")
+        };
+        let Action::WriteToTun { .. } = w1.on_packet(now, &mut buf, len, Source::Peer(W2)) else {
+            panic!("reply in")
+        };
+        assert_eq!(craft::src(&buf), RR);
+        while w1.poll(now, &mut buf).is_some() {}
+    };
+    // warm-up: first use of every code path (and of the lazily initialised hasher keys)
+    for i in 0..300u16 {
+        exchange(&mut w1, &mut w2, Millis(1), i, 20000 + i % 100);
+    }
+    // steady state: 100 established flows, 30 000 round trips
+    let steady = count(|| {
+        for i in 0..30_000u16 {
+            exchange(
+                &mut w1,
+                &mut w2,
+                Millis(2 + u64::from(i / 100)),
+                i,
+                20000 + i % 100,
+            );
+        }
+    });
+    // churn: every exchange a new flow, the 256-entry table evicting all the time
+    let churn = count(|| {
+        for i in 0..30_000u16 {
+            exchange(&mut w1, &mut w2, Millis(1000), i, 30000 + i);
+        }
+    });
+    println!("allocations: steady {steady} in 120000 packets, churn {churn} in 120000 packets");
+    assert_eq!(steady, 0, "allocations on the steady-state packet path");
+    assert_eq!(churn, 0, "allocations while creating and evicting flows");
+    assert!(w1.flows().counters.evicted > 0);
+}
