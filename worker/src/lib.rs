@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod config_edit;
 pub mod control;
+pub mod mqtt;
 pub mod protocol;
 
 /// Version printed by `NodeEngine version`, with the upstream release we are wire-compatible with.
