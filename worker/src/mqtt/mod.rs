@@ -2,4 +2,5 @@
 //! `orch-lite`) and the async client that drives it over TCP (`client`). No broker, no QoS 2,
 //! no MQTT 5, no TLS yet (the client's transport is the seam for it).
 
+pub mod client;
 pub mod codec;
