@@ -398,7 +398,7 @@ mod tests {
 
     #[test]
     fn hostile_answers_are_errors() {
-        let big = with_len("HTTP/1.1 200 OK", &vec![b'x'; 100]);
+        let big = with_len("HTTP/1.1 200 OK", &[b'x'; 100]);
         assert_eq!(
             parse_response(&big, false, 50),
             Err(HttpError::BodyTooLarge)
