@@ -10,6 +10,7 @@ pub mod mqtt;
 pub mod netio;
 pub mod protocol;
 pub mod register;
+pub mod sysinfo;
 
 /// Version printed by `NodeEngine version`, with the upstream release we are wire-compatible with.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
