@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use worker::cli::{self, Command, ConfigCommand};
-use worker::config::{ConfFile, Overrides, Paths, Settings};
-use worker::{config_edit, control};
+use worker::config::{ConfFile, NetworkMode, Overrides, Paths, Settings};
+use worker::telemetry::Telemetry;
+use worker::{config_edit, control, runtime, session, status};
 
 fn env(key: &str) -> Option<String> {
     std::env::var(key).ok()
@@ -101,7 +102,44 @@ fn run_foreground(paths: &Paths, cli: &Overrides) -> Result<(), String> {
         settings.cluster_port,
         settings.network
     );
-    Err("the cluster session is not implemented yet (issue #3)".into())
+    if let Some(e) = session::Config::unsupported(&settings) {
+        return Err(e);
+    }
+    if settings.network != NetworkMode::Off {
+        log::warn!(
+            "network mode {} requested, but the overlay is not part of this build yet (issue #5): instances get loopback only",
+            settings.network
+        );
+    }
+    write_pid_file(&settings.state_dir);
+    let telemetry = Telemetry::new(
+        &settings.node_name,
+        &format!("{}:{}", settings.cluster_address, settings.cluster_port),
+    );
+    let _status =
+        status::serve(settings.status_addr, telemetry.clone()).map_err(|e| e.to_string())?;
+    log::info!("status endpoint on http://{}/status", settings.status_addr);
+    let cfg = session::Config::from_settings(&settings, env("MY_PORT"));
+    let ex = async_executor::LocalExecutor::new();
+    let (session_side, runtime_side) = runtime::link(cfg.runtime_capacity);
+    // The containerd runtime plugs in here (issue #4); until then every deploy fails clearly.
+    log::warn!("no container runtime in this build: every deploy will be answered FAILED");
+    ex.spawn(runtime::no_runtime(runtime_side)).detach();
+    async_io::block_on(ex.run(session::run(cfg, session_side, telemetry, &ex)));
+    Ok(())
+}
+
+/// For `NodeEngine stop` without systemd. Best effort: a read-only state dir only costs that.
+fn write_pid_file(state_dir: &Path) {
+    let path = control::pid_file(state_dir);
+    let r = std::fs::create_dir_all(state_dir)
+        .and_then(|()| std::fs::write(&path, format!("{}\n", std::process::id())));
+    if let Err(e) = r {
+        log::warn!(
+            "cannot write {} ({e}); `NodeEngine stop` will not find this process",
+            path.display()
+        );
+    }
 }
 
 fn main() -> ExitCode {

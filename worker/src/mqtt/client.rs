@@ -126,11 +126,10 @@ impl Handle {
 }
 
 /// Creates a client; spawn the returned future on the executor. It runs until [`Handle::close`]
-/// or until every `Handle` is dropped.
-pub fn client(cfg: Config) -> (Handle, impl Future<Output = ()>) {
+/// or until every `Handle` is dropped. `stats` may be shared by successive clients.
+pub fn client(cfg: Config, stats: Arc<Stats>) -> (Handle, impl Future<Output = ()>) {
     let (cmd_tx, cmd_rx) = async_channel::bounded(cfg.inflight.max(1));
     let (ev_tx, ev_rx) = async_channel::bounded(64);
-    let stats = Arc::new(Stats::default());
     let c = Client {
         backoff: Backoff::new(cfg.reconnect_initial, cfg.reconnect_max),
         rbuf: vec![0; (64 << 10).min(cfg.max_packet + codec::MAX_FIXED_HEADER)],
