@@ -125,8 +125,46 @@ fn run_foreground(paths: &Paths, cli: &Overrides) -> Result<(), String> {
     // The containerd runtime plugs in here (issue #4); until then every deploy fails clearly.
     log::warn!("no container runtime in this build: every deploy will be answered FAILED");
     ex.spawn(runtime::no_runtime(runtime_side)).detach();
-    async_io::block_on(ex.run(session::run(cfg, session_side, telemetry, &ex)));
+    let stop = shutdown_signal().map_err(|e| format!("cannot install the SIGTERM handler: {e}"))?;
+    async_io::block_on(ex.run(session::run(cfg, session_side, telemetry, &ex, stop)));
+    let _ = std::fs::remove_file(control::pid_file(&settings.state_dir));
     Ok(())
+}
+
+/// Write end of the self-pipe the signal handler pokes (-1 until installed).
+static SIGNAL_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    let fd = SIGNAL_FD.load(std::sync::atomic::Ordering::Relaxed);
+    if fd >= 0 {
+        // SAFETY: write(2) is async-signal-safe; one byte from a static buffer.
+        unsafe { libc::write(fd, b"x".as_ptr().cast(), 1) };
+    }
+}
+
+/// Completes on SIGTERM or SIGINT, so systemd's stop ends the MQTT session politely.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use futures_lite::AsyncReadExt;
+    use std::os::fd::AsRawFd;
+    let (rx, tx) = std::os::unix::net::UnixStream::pair()?;
+    tx.set_nonblocking(true)?;
+    SIGNAL_FD.store(tx.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
+    // The write end lives as long as the process: the handler may run at any time.
+    std::mem::forget(tx);
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: installs a handler that only calls write(2) on a valid descriptor.
+        if unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) }
+            == libc::SIG_ERR
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    let mut rx = async_io::Async::new(rx)?;
+    Ok(async move {
+        let mut b = [0u8; 1];
+        let _ = rx.read(&mut b).await;
+        log::info!("signal received, shutting down");
+    })
 }
 
 /// For `NodeEngine stop` without systemd. Best effort: a read-only state dir only costs that.

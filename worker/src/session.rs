@@ -131,17 +131,20 @@ struct Session<'ex> {
     reg_rx: Receiver<RegResult>,
     last_error_reregister: Option<Instant>,
     client: Option<Handle>,
+    client_task: Option<Task<()>>,
     connected: bool,
     ever_connected: bool,
     outbox: Outbox,
 }
 
-/// Runs the session until the process ends. Spawns its helpers on `ex`.
+/// Runs the session until `stop` completes, then says goodbye to the broker (DISCONNECT, at
+/// most one second). Spawns its helpers on `ex`, which must be running.
 pub async fn run(
     cfg: Config,
     rt: runtime::SessionSide,
     tel: Arc<Telemetry>,
     ex: &LocalExecutor<'static>,
+    stop: impl std::future::Future<Output = ()>,
 ) {
     let host = Host::probe();
     if !host.cgroup.memory {
@@ -165,6 +168,7 @@ pub async fn run(
         reg_rx,
         last_error_reregister: None,
         client: None,
+        client_task: None,
         connected: false,
         ever_connected: false,
     };
@@ -172,7 +176,18 @@ pub async fn run(
         log::warn!("no non-loopback IPv4 address found; set OAK_PUBLIC_ADDRESS");
     }
     s.start_registration("start");
-    s.run().await
+    s.run().or(stop).await;
+    log::info!("stopping the cluster session");
+    s.registering = None;
+    if let Some(c) = s.client.take() {
+        c.close();
+    }
+    if let Some(t) = s.client_task.take() {
+        t.or(async {
+            Timer::after(Duration::from_secs(1)).await;
+        })
+        .await;
+    }
 }
 
 enum Wake {
@@ -364,7 +379,10 @@ impl<'ex> Session<'ex> {
         );
         cfg.reconnect_max = self.cfg.mqtt_reconnect_max;
         let (handle, fut) = client::client(cfg, self.tel.mqtt.clone());
-        self.ex.spawn(fut).detach();
+        if let Some(old) = self.client_task.replace(self.ex.spawn(fut)) {
+            // The old client was closed above; let it send its DISCONNECT and end by itself.
+            old.detach();
+        }
         self.client = Some(handle);
     }
 
