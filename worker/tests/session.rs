@@ -259,3 +259,36 @@ fn reconnects_and_reregisters_after_a_broker_outage() {
     );
     assert!(standin.problems().is_empty(), "{:?}", standin.problems());
 }
+
+#[test]
+fn registration_is_retried_until_the_cluster_answers() {
+    let dir = TempDir::new("retry");
+    let broker = Mosquitto::start(&dir.0);
+    let cluster_port = free_port();
+    let worker = Worker::start(&dir.0, cluster_port, &[]);
+    // Nothing listens yet: the worker keeps trying instead of exiting (upstream exits, §2.1).
+    let failures = wait_for(10 * S, || {
+        let body = worker::control::http_get(worker.status, "/status", S).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (v["counters"]["registration_failures"].as_u64()? >= 2).then_some(v)
+    })
+    .expect("failed attempts are counted");
+    assert_eq!(failures["registration"], "registering");
+    assert!(
+        failures["last_registration_error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot reach the cluster"),
+        "{failures}"
+    );
+    assert!(worker.log().contains("registration attempt 1 failed"));
+
+    let standin = StandIn::start_on(cluster_port, NODE_ID, broker.port, None);
+    let mut obs = Observer::connect(broker.port, "observer", true);
+    obs.subscribe("nodes/#");
+    obs.expect(15 * S, "information once registered", |t, _| {
+        t == topic("information")
+    });
+    assert_eq!(standin.registrations(), 1);
+    assert_eq!(worker.metric("oak_worker_registered"), 1);
+}

@@ -300,7 +300,12 @@ pub struct StandIn {
 
 impl StandIn {
     pub fn start(node_id: &str, mqtt_port: u16, token: Option<&str>) -> StandIn {
-        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("stand-in listens"));
+        StandIn::start_on(0, node_id, mqtt_port, token)
+    }
+
+    pub fn start_on(port: u16, node_id: &str, mqtt_port: u16, token: Option<&str>) -> StandIn {
+        let server =
+            Arc::new(tiny_http::Server::http(("127.0.0.1", port)).expect("stand-in listens"));
         let port = server.server_addr().to_ip().expect("ip listener").port();
         let bodies = Arc::new(Mutex::new(Vec::new()));
         let problems = Arc::new(Mutex::new(Vec::new()));
