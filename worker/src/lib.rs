@@ -1,5 +1,11 @@
-//! The Oakestra worker as a library: configuration, CLI grammar and (as they land) the cluster
-//! session, the containerd runtime and the reports. `main.rs` only wires these together.
+//! The Oakestra worker as a library: configuration, CLI grammar, the cluster session and (as it
+//! lands) the containerd runtime. `main.rs` only wires these together.
+//!
+//! Where to look: a registration → `register` (HTTP) driven by `session`; a deploy or delete
+//! message → `session::Session::on_message` → `runtime` (the bounded boundary to whatever runs
+//! instances); a status report → `runtime::Event::Status` → `outbox` → `mqtt::client`; the wire
+//! shapes → `protocol`; MQTT bytes → `mqtt::codec` (pure, shared with orch-lite); host figures →
+//! `sysinfo`; `/status` and `/metrics` → `telemetry` rendered by `status`.
 
 pub mod backoff;
 pub mod cli;
