@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use worker::cli::{self, Command, ConfigCommand};
-use worker::config::{ConfFile, Overrides, Paths, Settings};
-use worker::{config_edit, control};
+use worker::config::{ConfFile, NetworkMode, Overrides, Paths, Settings};
+use worker::telemetry::Telemetry;
+use worker::{config_edit, control, runtime_link, session, status};
 
 fn env(key: &str) -> Option<String> {
     std::env::var(key).ok()
@@ -101,7 +102,82 @@ fn run_foreground(paths: &Paths, cli: &Overrides) -> Result<(), String> {
         settings.cluster_port,
         settings.network
     );
-    Err("the cluster session is not implemented yet (issue #3)".into())
+    if let Some(e) = session::Config::unsupported(&settings) {
+        return Err(e);
+    }
+    if settings.network != NetworkMode::Off {
+        log::warn!(
+            "network mode {} requested, but the overlay is not part of this build yet (issue #5): instances get loopback only",
+            settings.network
+        );
+    }
+    write_pid_file(&settings.state_dir);
+    let telemetry = Telemetry::new(
+        &settings.node_name,
+        &format!("{}:{}", settings.cluster_address, settings.cluster_port),
+    );
+    let _status =
+        status::serve(settings.status_addr, telemetry.clone()).map_err(|e| e.to_string())?;
+    log::info!("status endpoint on http://{}/status", settings.status_addr);
+    let cfg = session::Config::from_settings(&settings, env("MY_PORT"));
+    let ex = async_executor::LocalExecutor::new();
+    let (session_side, runtime_side) = runtime_link::link(cfg.runtime_capacity);
+    // The containerd runtime plugs in here (issue #4); until then every deploy fails clearly.
+    log::warn!("no container runtime in this build: every deploy will be answered FAILED");
+    ex.spawn(runtime_link::no_runtime(runtime_side)).detach();
+    let stop = shutdown_signal().map_err(|e| format!("cannot install the SIGTERM handler: {e}"))?;
+    async_io::block_on(ex.run(session::run(cfg, session_side, telemetry, &ex, stop)));
+    let _ = std::fs::remove_file(control::pid_file(&settings.state_dir));
+    Ok(())
+}
+
+/// Write end of the self-pipe the signal handler pokes (-1 until installed).
+static SIGNAL_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    let fd = SIGNAL_FD.load(std::sync::atomic::Ordering::Relaxed);
+    if fd >= 0 {
+        // SAFETY: write(2) is async-signal-safe; one byte from a static buffer.
+        unsafe { libc::write(fd, b"x".as_ptr().cast(), 1) };
+    }
+}
+
+/// Completes on SIGTERM or SIGINT, so systemd's stop ends the MQTT session politely.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use futures_lite::AsyncReadExt;
+    use std::os::fd::AsRawFd;
+    let (rx, tx) = std::os::unix::net::UnixStream::pair()?;
+    tx.set_nonblocking(true)?;
+    SIGNAL_FD.store(tx.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
+    // The write end lives as long as the process: the handler may run at any time.
+    std::mem::forget(tx);
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: installs a handler that only calls write(2) on a valid descriptor.
+        if unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) }
+            == libc::SIG_ERR
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    let mut rx = async_io::Async::new(rx)?;
+    Ok(async move {
+        let mut b = [0u8; 1];
+        let _ = rx.read(&mut b).await;
+        log::info!("signal received, shutting down");
+    })
+}
+
+/// For `NodeEngine stop` without systemd. Best effort: a read-only state dir only costs that.
+fn write_pid_file(state_dir: &Path) {
+    let path = control::pid_file(state_dir);
+    let r = std::fs::create_dir_all(state_dir)
+        .and_then(|()| std::fs::write(&path, format!("{}\n", std::process::id())));
+    if let Err(e) = r {
+        log::warn!(
+            "cannot write {} ({e}); `NodeEngine stop` will not find this process",
+            path.display()
+        );
+    }
 }
 
 fn main() -> ExitCode {

@@ -1,0 +1,354 @@
+//! What the running worker knows about itself, shared between the session (which writes it)
+//! and the status endpoint thread (which renders it as /status JSON and /metrics text).
+//! Counters are atomics; the few strings sit behind one mutex held only to copy or set them.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use crate::mqtt::client::Stats as MqttStats;
+use crate::protocol::Status;
+use crate::sysinfo::CgroupInfo;
+
+/// Instances shown in /status at most (display only; the runtime is the source of truth).
+pub const MAX_INSTANCES_SHOWN: usize = 1024;
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub information_sent: AtomicU64,
+    pub resources_sent: AtomicU64,
+    pub status_reports_sent: AtomicU64,
+    /// Periodic reports not sent because the broker was unreachable or the queue was full.
+    pub reports_skipped: AtomicU64,
+    pub registrations: AtomicU64,
+    pub registration_failures: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub malformed_deploy: AtomicU64,
+    pub malformed_delete: AtomicU64,
+    pub malformed_error: AtomicU64,
+    pub unexpected_topic: AtomicU64,
+    pub control_errors: AtomicU64,
+    pub runtime_queue_full: AtomicU64,
+    pub status_queue_evicted: AtomicU64,
+    pub invalid_runtime_status: AtomicU64,
+    pub subscriptions_refused: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registration {
+    Unregistered,
+    Registering,
+    Registered,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Broker {
+    Disconnected,
+    Connected,
+}
+
+#[derive(Debug, Clone)]
+struct State {
+    node_name: String,
+    cluster: String,
+    node_id: String,
+    broker_addr: String,
+    registration: Registration,
+    last_registration_error: String,
+    broker: Broker,
+    queued_status_reports: usize,
+    cgroup: Option<CgroupInfo>,
+    instances: BTreeMap<(String, u64), (Status, String)>,
+}
+
+#[derive(Debug)]
+pub struct Telemetry {
+    pub counters: Counters,
+    pub mqtt: Arc<MqttStats>,
+    state: Mutex<State>,
+}
+
+impl Telemetry {
+    pub fn new(node_name: &str, cluster: &str) -> Arc<Telemetry> {
+        Arc::new(Telemetry {
+            counters: Counters::default(),
+            mqtt: Arc::new(MqttStats::default()),
+            state: Mutex::new(State {
+                node_name: node_name.into(),
+                cluster: cluster.into(),
+                node_id: String::new(),
+                broker_addr: String::new(),
+                registration: Registration::Unregistered,
+                last_registration_error: String::new(),
+                broker: Broker::Disconnected,
+                queued_status_reports: 0,
+                cgroup: None,
+                instances: BTreeMap::new(),
+            }),
+        })
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        // A panic while holding this lock is a bug elsewhere; the data is still plain values.
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g)
+    }
+
+    pub fn set_registration(&self, r: Registration, node_id: Option<&str>) {
+        self.with(|s| {
+            s.registration = r;
+            if let Some(id) = node_id {
+                s.node_id = id.into();
+            }
+        })
+    }
+
+    pub fn set_registration_error(&self, e: &str) {
+        self.with(|s| s.last_registration_error = e.into())
+    }
+
+    pub fn set_broker(&self, b: Broker, addr: Option<&str>) {
+        self.with(|s| {
+            s.broker = b;
+            if let Some(a) = addr {
+                s.broker_addr = a.into();
+            }
+        })
+    }
+
+    pub fn set_cgroup(&self, c: CgroupInfo) {
+        self.with(|s| s.cgroup = Some(c))
+    }
+
+    pub fn set_queued(&self, n: usize) {
+        self.with(|s| s.queued_status_reports = n)
+    }
+
+    pub fn instance(&self, job: &str, instance: u64, status: Status, detail: &str) {
+        self.with(|s| {
+            let key = (job.to_string(), instance);
+            if s.instances.len() >= MAX_INSTANCES_SHOWN && !s.instances.contains_key(&key) {
+                // Forget a finished instance to make room; if none, the new one is not shown.
+                let done = s
+                    .instances
+                    .iter()
+                    .find(|(_, (st, _))| !matches!(st, Status::Created | Status::Running))
+                    .map(|(k, _)| k.clone());
+                match done {
+                    Some(k) => {
+                        s.instances.remove(&k);
+                    }
+                    None => return,
+                }
+            }
+            s.instances.insert(key, (status, detail.into()));
+        })
+    }
+
+    pub fn node_id(&self) -> String {
+        self.with(|s| s.node_id.clone())
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let s = self.with(|s| s.clone());
+        let c = &self.counters;
+        let m = &self.mqtt;
+        let l = |a: &AtomicU64| a.load(Relaxed);
+        serde_json::json!({
+            "node_name": s.node_name,
+            "node_id": s.node_id,
+            "cluster": s.cluster,
+            "registration": match s.registration {
+                Registration::Unregistered => "unregistered",
+                Registration::Registering => "registering",
+                Registration::Registered => "registered",
+            },
+            "last_registration_error": s.last_registration_error,
+            "broker": {
+                "address": s.broker_addr,
+                "state": match s.broker { Broker::Connected => "connected", Broker::Disconnected => "disconnected" },
+            },
+            "cgroup": s.cgroup,
+            "queued_status_reports": s.queued_status_reports,
+            "counters": {
+                "information_sent": l(&c.information_sent),
+                "resources_sent": l(&c.resources_sent),
+                "status_reports_sent": l(&c.status_reports_sent),
+                "reports_skipped": l(&c.reports_skipped),
+                "registrations": l(&c.registrations),
+                "registration_failures": l(&c.registration_failures),
+                "reconnects": l(&c.reconnects),
+                "malformed_messages": l(&c.malformed_deploy) + l(&c.malformed_delete) + l(&c.malformed_error),
+                "control_errors": l(&c.control_errors),
+                "publishes_acknowledged": l(&m.published),
+                "publish_failures": l(&m.dropped),
+            },
+            "instances": s.instances.iter().map(|((job, n), (st, detail))| serde_json::json!({
+                "job_name": job, "instance": n, "status": st, "status_detail": detail,
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Prometheus text exposition format 0.0.4.
+    pub fn metrics_text(&self) -> String {
+        let s = self.with(|s| {
+            (
+                s.registration,
+                s.broker,
+                s.queued_status_reports,
+                s.cgroup.as_ref().map(|c| c.memory),
+            )
+        });
+        let c = &self.counters;
+        let m = &self.mqtt;
+        let mut out = String::with_capacity(4096);
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+            let _ = writeln!(
+                out,
+                "# HELP oak_worker_{name} {help}\n# TYPE oak_worker_{name} {kind}"
+            );
+            for (labels, v) in samples {
+                let _ = writeln!(out, "oak_worker_{name}{labels} {v}");
+            }
+        };
+        let l = |a: &AtomicU64| a.load(Relaxed);
+        metric(
+            "reports_sent_total",
+            "counter",
+            "Periodic reports handed to the MQTT client.",
+            &[
+                ("{topic=\"information\"}", l(&c.information_sent)),
+                ("{topic=\"jobs/resources\"}", l(&c.resources_sent)),
+            ],
+        );
+        metric(
+            "status_reports_sent_total",
+            "counter",
+            "Instance status reports handed to the MQTT client.",
+            &[("", l(&c.status_reports_sent))],
+        );
+        metric(
+            "reports_skipped_total",
+            "counter",
+            "Periodic reports not sent while the broker was unreachable.",
+            &[("", l(&c.reports_skipped))],
+        );
+        metric(
+            "publish_failures_total",
+            "counter",
+            "Publishes dropped unacknowledged (connection lost, or invalid).",
+            &[("", l(&m.dropped))],
+        );
+        metric(
+            "publishes_acknowledged_total",
+            "counter",
+            "QoS 1 publishes acknowledged by the broker.",
+            &[("", l(&m.published))],
+        );
+        metric(
+            "publishes_resent_total",
+            "counter",
+            "Publishes sent again with DUP after a reconnect.",
+            &[("", l(&m.resent))],
+        );
+        metric(
+            "mqtt_connects_total",
+            "counter",
+            "Accepted MQTT connections.",
+            &[("", l(&m.connects))],
+        );
+        metric(
+            "mqtt_connect_failures_total",
+            "counter",
+            "Failed MQTT connection attempts.",
+            &[("", l(&m.connect_failures))],
+        );
+        metric(
+            "mqtt_reconnects_total",
+            "counter",
+            "MQTT connections after the first one.",
+            &[("", l(&c.reconnects))],
+        );
+        metric(
+            "mqtt_connected",
+            "gauge",
+            "1 while connected to the broker.",
+            &[("", u64::from(s.1 == Broker::Connected))],
+        );
+        metric(
+            "registrations_total",
+            "counter",
+            "Successful registrations with the cluster.",
+            &[("", l(&c.registrations))],
+        );
+        metric(
+            "registration_failures_total",
+            "counter",
+            "Failed registration attempts.",
+            &[("", l(&c.registration_failures))],
+        );
+        metric(
+            "registered",
+            "gauge",
+            "1 once the cluster has given this node an id.",
+            &[("", u64::from(s.0 == Registration::Registered))],
+        );
+        metric(
+            "malformed_messages_total",
+            "counter",
+            "Messages from the cluster that could not be used.",
+            &[
+                ("{topic=\"control/deploy\"}", l(&c.malformed_deploy)),
+                ("{topic=\"control/delete\"}", l(&c.malformed_delete)),
+                ("{topic=\"control/error\"}", l(&c.malformed_error)),
+                ("{topic=\"other\"}", l(&c.unexpected_topic)),
+            ],
+        );
+        metric(
+            "control_errors_total",
+            "counter",
+            "control/error messages from the cluster.",
+            &[("", l(&c.control_errors))],
+        );
+        metric(
+            "runtime_queue_full_total",
+            "counter",
+            "Commands refused because the runtime queue was full.",
+            &[("", l(&c.runtime_queue_full))],
+        );
+        metric(
+            "status_queue_length",
+            "gauge",
+            "Status reports waiting for the broker.",
+            &[("", s.2 as u64)],
+        );
+        metric(
+            "status_queue_evicted_total",
+            "counter",
+            "Status reports dropped because the queue was full.",
+            &[("", l(&c.status_queue_evicted))],
+        );
+        metric(
+            "invalid_runtime_status_total",
+            "counter",
+            "Status changes from the runtime that a worker may not report.",
+            &[("", l(&c.invalid_runtime_status))],
+        );
+        metric(
+            "subscriptions_refused_total",
+            "counter",
+            "Subscriptions the broker refused.",
+            &[("", l(&c.subscriptions_refused))],
+        );
+        if let Some(mem) = s.3 {
+            metric(
+                "memory_cgroup_enabled",
+                "gauge",
+                "1 if the memory cgroup controller is on (container memory limits work).",
+                &[("", u64::from(mem))],
+            );
+        }
+        out
+    }
+}
