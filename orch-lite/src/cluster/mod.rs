@@ -1,0 +1,5 @@
+//! The cluster role (Oakestra's cluster orchestrator): worker registration, the MQTT handlers,
+//! the scheduler, the instance state machine and the link to the root.
+
+pub mod instance;
+pub mod scheduler;
