@@ -1,5 +1,5 @@
 //! `orch-lite root|cluster|all`: Oakestra's root and cluster orchestrators in one process.
-//! Only the command line exists so far; the roles land with issues #6 and #7.
+//! Parses the command line, sets up logging and hands over to a role; nothing else lives here.
 
 use std::process::ExitCode;
 
@@ -13,6 +13,14 @@ Usage:
   orch-lite all        Both roles in one process (the 1-DOC setup)
   orch-lite version | help
 ";
+
+fn init_logging() {
+    // rumqttd logs every connection at info; keep it to warnings unless RUST_LOG says otherwise.
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,rumqttd=warn"),
+    )
+    .init();
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -30,9 +38,25 @@ fn main() -> ExitCode {
             print!("{HELP}");
             ExitCode::SUCCESS
         }
-        [role @ ("root" | "cluster" | "all")] => {
-            eprintln!("error: the {role} role is not implemented yet (issues #6, #7)");
+        ["root"] => {
+            eprintln!("error: the root role is not implemented yet (issue #7)");
             ExitCode::FAILURE
+        }
+        [role @ ("cluster" | "all")] => {
+            init_logging();
+            if *role == "all" {
+                // The root role (issue #7) is not in this build yet; the cluster runs alone and
+                // reaches a root only through OAK_ROOT_URL.
+                log::warn!("orch-lite all: the root role is not implemented yet; starting the cluster role only");
+            }
+            match orch_lite::cluster::config::Config::from_env().and_then(orch_lite::cluster::run) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    log::error!("{e}");
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         other => {
             eprintln!("error: unknown arguments {other:?}\n\n{HELP}");

@@ -336,6 +336,14 @@ impl ClusterState {
         Vec::new()
     }
 
+    /// The root's id of the job called `job_name`.
+    pub fn job_id_by_name(&self, job_name: &str) -> Option<String> {
+        self.jobs
+            .iter()
+            .find(|(_, j)| j.get("job_name").and_then(Value::as_str) == Some(job_name))
+            .map(|(id, _)| id.clone())
+    }
+
     fn find_instance_by_name(&self, job_name: &str, n: u64) -> Option<String> {
         self.jobs
             .iter()
