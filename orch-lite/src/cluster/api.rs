@@ -86,12 +86,14 @@ fn service(sh: &Shared, req: &Request, method: &str) -> Response {
     let number = match (method, n.parse::<i64>()) {
         ("DELETE", Ok(-1)) => None,
         (_, Ok(v)) if v >= 0 => Some(v as u64),
-        _ => return Response::error(
-            400,
-            &format!(
+        _ => {
+            return Response::error(
+                400,
+                &format!(
                 "instance number {n:?} must be a non-negative integer (or -1 on DELETE for all)"
             ),
-        ),
+            )
+        }
     };
     if method == "DELETE" {
         let effects = sh.lock().undeploy(job_id, number);
