@@ -312,7 +312,7 @@ pub fn step(inst: &Instance, ev: &Event, now: u64, t: &Timeouts) -> Outcome {
         (NodeScheduled | Creating | Created | Running, Event::Tick { worker_last_seen }) => {
             let worker = inst.worker_id.clone().unwrap_or_default();
             let silent_for = worker_last_seen.map(|s| now.saturating_sub(s));
-            if silent_for.is_none_or(|s| s >= t.node_silence_ms) {
+            if silent_for.map_or(true, |s| s >= t.node_silence_ms) {
                 let (n, a) = fail(
                     inst,
                     format!(

@@ -433,7 +433,7 @@ mod tests {
     fn accounting_reserves_and_releases() {
         // Two 1-vcpu instances already on a 2-core worker: a third does not fit, on either
         // memory or cpu, until one is released.
-        let placed_list = vec![("a", 1.0, 1000u64), ("a", 1.0, 1000), ("b", 0.5, 10)];
+        let placed_list = [("a", 1.0, 1000u64), ("a", 1.0, 1000), ("b", 0.5, 10)];
         let r = reserved_by_node(placed_list.iter().map(|(n, v, m)| (*n, *v, *m)));
         assert_eq!(r["a"], (2.0, 2000));
         let mut a = node("a", 2.0, 3000);

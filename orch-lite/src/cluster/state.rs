@@ -480,7 +480,7 @@ impl ClusterState {
         let keys: Vec<String> = self
             .instances
             .iter()
-            .filter(|(_, i)| i.job_id == job_id && n.is_none_or(|n| i.instance_number == n))
+            .filter(|(_, i)| i.job_id == job_id && n.map_or(true, |n| i.instance_number == n))
             .map(|(k, _)| k.clone())
             .collect();
         let job = self.jobs.get(job_id).cloned().unwrap_or(Value::Null);
@@ -720,7 +720,7 @@ impl ClusterState {
     pub fn job_entries(&self, only: Option<&[String]>) -> Vec<Value> {
         self.jobs
             .iter()
-            .filter(|(id, _)| only.is_none_or(|o| o.contains(id)))
+            .filter(|(id, _)| only.map_or(true, |o| o.contains(id)))
             .map(|(id, job)| {
                 let insts: Vec<&Instance> = self
                     .instances
