@@ -1,7 +1,8 @@
 //! `orch-lite root|cluster|all`: Oakestra's root and cluster orchestrators in one process.
-//! Parses the role, starts it from the library, and waits for SIGINT/SIGTERM.
+//! Parses the command line, sets up logging, starts the roles and waits for SIGINT/SIGTERM.
 
 use std::process::ExitCode;
+use std::sync::mpsc;
 
 const HELP: &str = "\
 orch-lite: Oakestra-compatible orchestrator (root and cluster roles in one binary)
@@ -14,9 +15,17 @@ Usage:
   orch-lite version | help
 ";
 
-/// Blocks SIGINT and SIGTERM in this thread (and so in every thread started after it), then
+fn init_logging() {
+    // rumqttd logs every connection at info; keep it to warnings unless RUST_LOG says otherwise.
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,rumqttd=warn"),
+    )
+    .init();
+}
+
+/// Blocks SIGINT and SIGTERM in this thread, and so in every thread started after it, then
 /// returns a function that waits for one of them. Blocking first means no thread dies of them.
-fn block_stop_signals() -> impl FnOnce() -> i32 {
+fn block_stop_signals() -> impl FnOnce() -> i32 + Send + 'static {
     // SAFETY: plain libc calls on a locally owned sigset; no memory is shared.
     let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -34,20 +43,61 @@ fn block_stop_signals() -> impl FnOnce() -> i32 {
     }
 }
 
-fn run_root() -> Result<(), String> {
+enum Stop {
+    Signal(i32),
+    ClusterEnded(Result<(), String>),
+}
+
+fn run(root: bool, cluster: bool) -> Result<(), String> {
     let wait = block_stop_signals();
-    let root = orch_lite::root::start(orch_lite::root::RootConfig::from_env()?)?;
-    log::info!("root orchestrator ready on {}", root.addr());
-    let sig = wait();
-    log::info!("signal {sig}: stopping");
+    let (tx, rx) = mpsc::channel();
+    let root = match root {
+        true => Some(orch_lite::root::start(
+            orch_lite::root::RootConfig::from_env()?,
+        )?),
+        false => None,
+    };
+    if cluster {
+        let mut cfg = orch_lite::cluster::config::Config::from_env()?;
+        if let Some(r) = &root {
+            // `all`: the cluster reports to the root in this process, over loopback HTTP, the
+            // same path a separate cluster takes.
+            let ip = match r.addr().ip() {
+                ip if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+                ip => ip,
+            };
+            let url = format!("http://{}", std::net::SocketAddr::new(ip, r.addr().port()));
+            cfg.root_url.get_or_insert(url);
+            cfg.root_token
+                .get_or_insert_with(|| r.join_token().to_string());
+        }
+        let tx = tx.clone();
+        std::thread::Builder::new()
+            .name("cluster".into())
+            .spawn(move || {
+                let _ = tx.send(Stop::ClusterEnded(orch_lite::cluster::run(cfg)));
+            })
+            .map_err(|e| format!("cannot start the cluster role: {e}"))?;
+    }
+    std::thread::spawn(move || {
+        let _ = tx.send(Stop::Signal(wait()));
+    });
+    let result = match rx.recv() {
+        Ok(Stop::Signal(sig)) => {
+            log::info!("signal {sig}: stopping");
+            Ok(())
+        }
+        Ok(Stop::ClusterEnded(r)) => r.and(Err("the cluster role stopped".into())),
+        Err(_) => Err("internal: no role is running".into()),
+    };
+    // The root flushes its snapshot on drop; the cluster's store is durable as it goes.
     drop(root);
-    Ok(())
+    result
 }
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let result = match args
+    let (root, cluster) = match args
         .iter()
         .map(String::as_str)
         .collect::<Vec<_>>()
@@ -55,24 +105,25 @@ fn main() -> ExitCode {
     {
         ["version"] | ["--version"] => {
             println!("orch-lite {}", env!("CARGO_PKG_VERSION"));
-            Ok(())
+            return ExitCode::SUCCESS;
         }
         ["help"] | ["--help"] | ["-h"] | [] => {
             print!("{HELP}");
-            Ok(())
+            return ExitCode::SUCCESS;
         }
-        ["root"] => run_root(),
-        [role @ ("cluster" | "all")] => {
-            Err(format!("the {role} role is not implemented yet (issue #6)"))
-        }
+        ["root"] => (true, false),
+        ["cluster"] => (false, true),
+        ["all"] => (true, true),
         other => {
             eprintln!("error: unknown arguments {other:?}\n\n{HELP}");
             return ExitCode::from(2);
         }
     };
-    match result {
+    init_logging();
+    match run(root, cluster) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            log::error!("{e}");
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }

@@ -228,6 +228,11 @@ pub struct NodeInfo {
     /// Join token (`OAK_JOIN_TOKEN`); upstream's cluster reads and ignores this key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// Stable machine fingerprint (e.g. `/etc/machine-id`), an orch-lite addition: the cluster
+    /// uses it to tell a re-registration of the same machine from a second machine claiming
+    /// the same `host` name. Stock workers omit it; the cluster then falls back to the source IP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_id: Option<String>,
 }
 
 impl Default for NodeInfo {
@@ -261,6 +266,7 @@ impl Default for NodeInfo {
             net_manager_port: 0,
             cluster_address: String::new(),
             token: None,
+            machine_id: None,
         }
     }
 }
@@ -727,6 +733,7 @@ mod tests {
             assert!(keys.contains(&k), "missing {k}");
         }
         assert!(!keys.contains(&"token"), "token only when set");
+        assert!(!keys.contains(&"machine_id"), "machine_id only when set");
         assert!(v["port"].is_string());
         // The Go worker's information report (spec §3.4) decodes on our side.
         let go = r#"{"id":"","host":"","ip":"192.168.1.20","port":"","system_info":null,"cpu_percent":2.9,
