@@ -16,11 +16,11 @@ Usage:
 ";
 
 fn init_logging() {
-    // rumqttd logs every connection at info; keep it to warnings unless RUST_LOG says otherwise.
-    env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("info,rumqttd=warn"),
-    )
-    .init();
+    // rumqttd opens an ERROR-level tracing span per packet (bridged into `log`), which would
+    // flood the log; broker trouble shows up as the cluster's own MQTT client losing its
+    // connection instead. `RUST_LOG=info,rumqttd=debug` brings them back to debug the broker.
+    let filter = "info,rumqttd=off,tracing::span=off";
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(filter)).init();
 }
 
 /// Blocks SIGINT and SIGTERM in this thread, and so in every thread started after it, then
