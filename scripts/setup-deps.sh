@@ -14,7 +14,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 # Packages: runtime parts the tests start for real, cross toolchains, qemu for foreign binaries.
 PKGS=(
-  build-essential pkg-config ca-certificates curl jq git xz-utils
+  build-essential pkg-config ca-certificates curl jq git xz-utils shellcheck
   containerd runc
   docker-registry
   mosquitto mosquitto-clients

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The project's test command (README "Tests"): installs what the tests need, then checks
+# formatting and lints and runs every test: unit tests, integration tests against real
+# containerd / registry / mosquitto / network namespaces, and the release packaging under qemu.
+# Run as root on Debian bookworm. Prints the time of each step.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+[ "$(id -u)" = 0 ] || { echo "scripts/test.sh: run as root (tests start containerd, namespaces, TUN)" >&2; exit 1; }
+[ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+
+step() {
+  local name=$1; shift
+  local t0=$SECONDS
+  echo "==> $name"
+  "$@"
+  echo "<== $name: $((SECONDS - t0)) s"
+}
+
+step "dependencies" bash scripts/setup-deps.sh
+step "format" cargo fmt --all -- --check
+step "lint" cargo clippy --workspace --all-targets --locked -- -D warnings
+# Integration tests start daemons; a hung one must fail the run, not eat CI's budget.
+step "tests" timeout 45m cargo test --workspace --locked
+[ ! -f scripts/test-release.sh ] || step "release archives (cross, qemu, install.sh)" timeout 20m bash scripts/test-release.sh
+echo "all tests passed in $SECONDS s"
