@@ -6,6 +6,7 @@ pub mod config;
 pub mod config_edit;
 pub mod containerd;
 pub mod control;
+pub mod image;
 pub mod protocol;
 
 /// Version printed by `NodeEngine version`, with the upstream release we are wire-compatible with.
