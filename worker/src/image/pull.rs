@@ -781,7 +781,7 @@ impl Session<'_> {
             human(total)
         );
         let mut progress = Progress::new(total);
-        let mut fetched = 0;
+        let (mut fetched, mut downloaded) = (0, 0);
         let source_key = format!("containerd.io/distribution.source.{}", self.r.domain);
         for (i, layer) in layers.iter().enumerate() {
             let diff_id = &plan.config.diff_ids[i];
@@ -789,11 +789,12 @@ impl Session<'_> {
                 ("containerd.io/uncompressed", diff_id.as_str()),
                 (source_key.as_str(), self.r.path.as_str()),
             ];
-            if self
+            let n = self
                 .fetch_layer(client, i, layer, &labels, &mut progress)
-                .await?
-            {
+                .await?;
+            if n > 0 {
                 fetched += 1;
+                downloaded += n;
             } else {
                 progress.advance(layer.size);
             }
@@ -861,7 +862,7 @@ impl Session<'_> {
             .image_put(&image)
             .await
             .map_err(|e| cerr(name, "creating the image record", e))?;
-        Ok((progress.done.min(total), fetched))
+        Ok((downloaded, fetched))
     }
 
     /// Writes an in-memory document; if it already existed, makes sure it has our labels.
@@ -884,7 +885,7 @@ impl Session<'_> {
     }
 
     /// Streams one layer from the registry into containerd, verifying size and digest on the
-    /// way; returns false if containerd already had it.
+    /// way; returns the bytes downloaded (0: containerd already had it).
     async fn fetch_layer(
         &self,
         client: &Client,
@@ -892,7 +893,7 @@ impl Session<'_> {
         layer: &Descriptor,
         labels: &[(&str, &str)],
         progress: &mut Progress,
-    ) -> Result<bool, PullError> {
+    ) -> Result<u64, PullError> {
         let name = self.name;
         let what = format!("layer {}", layer.digest);
         let reference = format!("layer-{}", layer.digest);
@@ -902,7 +903,7 @@ impl Session<'_> {
         let mut w = match ingest {
             Ingest::Exists => {
                 ensure_labels(client, name, &layer.digest, labels).await?;
-                return Ok(false);
+                return Ok(0);
             }
             Ingest::Writer(w) => w,
         };
@@ -995,7 +996,7 @@ impl Session<'_> {
             }
             _ => cerr(name, "committing a layer", e),
         })?;
-        Ok(resume < layer.size)
+        Ok(layer.size - resume)
     }
 }
 
