@@ -13,6 +13,7 @@ pub mod config;
 pub mod config_edit;
 pub mod containerd;
 pub mod control;
+pub mod image;
 pub mod mqtt;
 pub mod netio;
 pub mod outbox;
