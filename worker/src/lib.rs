@@ -7,6 +7,7 @@ pub mod config_edit;
 pub mod containerd;
 pub mod control;
 pub mod protocol;
+pub mod runtime;
 
 /// Version printed by `NodeEngine version`, with the upstream release we are wire-compatible with.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
