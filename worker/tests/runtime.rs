@@ -11,6 +11,7 @@ use std::rc::Rc;
 use std::time::Duration;
 use worker::containerd::{Client, Options};
 use worker::protocol::{DeleteCommand, DeployCommand, Status};
+use worker::runtime::cgroups::Host;
 use worker::runtime::instance::Timeouts;
 use worker::runtime::{
     NoNetwork, NoPuller, PulledImage, Puller, Runtime, RuntimeConfig, StatusChange,
@@ -36,6 +37,7 @@ fn config(fx: &Fixture, ns: &str) -> RuntimeConfig {
         step_timeout: Duration::from_secs(20),
         capacity: 16,
         queue: 16,
+        cgroups: None,
     }
 }
 
@@ -255,14 +257,22 @@ fn exits_and_failures_are_reported_with_reasons() {
     let fx = Fixture::start().unwrap();
     let ns = "oakrt2";
     pull(&fx, ns);
-    let cfg = config(&fx, ns);
+    let mut cfg = config(&fx, ns);
+    cfg.timeouts.deploy = Duration::from_secs(4);
     let ex = LocalExecutor::new();
     let pulls = Rc::new(Cell::new(0));
     let counted = pulls.clone();
+    // References naming "slow" never finish pulling; the others fail like a registry 404.
     let puller = move |reference: &str, _: Option<&str>| {
         counted.set(counted.get() + 1);
+        let slow = reference.contains("slow");
         let msg = format!("registry 127.0.0.1:1 answered 404 for the manifest of {reference}: check the image name and tag");
-        async move { Err::<PulledImage, String>(msg) }
+        async move {
+            if slow {
+                futures_lite::future::pending::<()>().await;
+            }
+            Err::<PulledImage, String>(msg)
+        }
     };
     async_io::block_on(ex.run(async {
         let (rt, events, _driver) = start(cfg, Rc::new(puller), &ex).await;
@@ -310,6 +320,70 @@ fn exits_and_failures_are_reported_with_reasons() {
         assert_eq!((s.instance, s.status), (4, Status::Failed), "{s:?}");
         assert!(s.detail.contains("/no/such/binary"), "{s:?}");
         assert_gone(&fx, ns, &id(4)).await;
+
+        // Undeploy while the image is still being pulled: UNDEPLOYED, then DEAD once the
+        // cancelled deploy is cleaned up.
+        let mut slow = job(&fx, 5, &["true"]);
+        slow.image = format!("{}/oak/slow:1", fx.registry);
+        rt.deploy(slow.clone()).await.unwrap();
+        async_io::Timer::after(Duration::from_millis(300)).await;
+        rt.undeploy(delete(5)).await.unwrap();
+        let s = next(&events, "UNDEPLOYED while pulling").await;
+        assert_eq!((s.instance, s.status), (5, Status::Undeployed));
+        let s = next(&events, "DEAD after the cancelled deploy").await;
+        assert_eq!(
+            (s.instance, s.status, s.detail.as_str()),
+            (5, Status::Dead, "undeployed before it started")
+        );
+
+        // A deploy that never finishes times out (4 s here) into FAILED.
+        slow.instance_number = 6;
+        rt.deploy(slow).await.unwrap();
+        let s = next(&events, "FAILED by the deploy timeout").await;
+        assert_eq!((s.instance, s.status), (6, Status::Failed), "{s:?}");
+        assert!(s.detail.contains("within 4 s"), "{s:?}");
+        assert_gone(&fx, ns, &id(6)).await;
+    }));
+    fx.stop().unwrap();
+}
+
+#[test]
+fn runs_without_the_memory_cgroup_and_says_so() {
+    if !e2e::require_root("runs_without_the_memory_cgroup_and_says_so") {
+        return;
+    }
+    let _serial = e2e::serial();
+    let fx = Fixture::start().unwrap();
+    let ns = "oakrt4";
+    pull(&fx, ns);
+    // This host as a Raspberry Pi OS kernel would show it: no memory controller.
+    let mut pi = Host::detect();
+    pi.memory = None;
+    pi.swap = false;
+    let mut cfg = config(&fx, ns);
+    cfg.cgroups = Some(pi);
+    let ex = LocalExecutor::new();
+    async_io::block_on(ex.run(async {
+        let (rt, events, _driver) = start(cfg, Rc::new(NoPuller), &ex).await;
+        rt.deploy(job(&fx, 0, &["sleep", "30"])).await.unwrap();
+        let s = next(&events, "CREATED").await;
+        assert_eq!(s.status, Status::Created, "{s:?}");
+        assert!(
+            s.detail
+                .starts_with("memory limit not enforced: memory cgroup disabled")
+                && s.detail.contains("cmdline.txt"),
+            "{s:?}"
+        );
+        // Running, without a memory limit, with the CPU quota.
+        let mem = read(cgroup_file("memory", ns, &id(0), "memory.limit_in_bytes"));
+        assert_ne!(mem.trim(), "67108864");
+        let quota = read(cgroup_file("cpu", ns, &id(0), "cpu.cfs_quota_us"));
+        assert_eq!(quota.trim(), "50000");
+        assert_eq!(rt.resources().await.unwrap().len(), 1);
+        rt.undeploy(delete(0)).await.unwrap();
+        assert_eq!(next(&events, "UNDEPLOYED").await.status, Status::Undeployed);
+        assert_eq!(next(&events, "DEAD").await.status, Status::Dead);
+        assert_gone(&fx, ns, &id(0)).await;
     }));
     fx.stop().unwrap();
 }

@@ -43,6 +43,8 @@ pub struct RuntimeConfig {
     pub capacity: usize,
     /// Depth of the command and status queues.
     pub queue: usize,
+    /// The host's cgroups; None: detect them at start. Set to model another host (tests).
+    pub cgroups: Option<Host>,
 }
 
 impl RuntimeConfig {
@@ -57,6 +59,7 @@ impl RuntimeConfig {
             step_timeout: Duration::from_secs(30),
             capacity: 128,
             queue: 64,
+            cgroups: None,
         }
     }
 
@@ -157,7 +160,7 @@ impl Runtime {
             cfg.socket.display(),
             cfg.namespace
         );
-        let host = Host::detect();
+        let host = cfg.cgroups.clone().unwrap_or_else(Host::detect);
         log::info!(
             "cgroups {:?}: memory limits {}, cpu limits {}",
             host.version,
@@ -1093,5 +1096,55 @@ impl EtcFiles {
                 .map_err(|e| (path.clone(), e))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_names_are_looked_up_in_the_rootfs() {
+        let root = std::env::temp_dir().join(format!("oak-rootfs-{}", std::process::id()));
+        let upper = root.join("upper");
+        let lower = root.join("lower");
+        std::fs::create_dir_all(lower.join("etc")).unwrap();
+        std::fs::create_dir_all(&upper).unwrap();
+        std::fs::write(
+            lower.join("etc/passwd"),
+            "root:x:0:0::/:/bin/sh\nweb:x:33:34::/:/bin/false\n",
+        )
+        .unwrap();
+        let overlay = ctrd::Mount {
+            kind: "overlay".into(),
+            source: "overlay".into(),
+            options: vec![
+                "index=off".into(),
+                format!("workdir={}", root.join("work").display()),
+                format!("upperdir={}", upper.display()),
+                format!("lowerdir={}", lower.display()),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            lookup_user(std::slice::from_ref(&overlay), "web"),
+            Ok((33, 34))
+        );
+        assert_eq!(
+            lookup_user(std::slice::from_ref(&overlay), "web:5"),
+            Ok((33, 5))
+        );
+        let e = lookup_user(std::slice::from_ref(&overlay), "nginx").unwrap_err();
+        assert!(e.contains("not in its /etc/passwd"), "{e}");
+        assert!(lookup_user(std::slice::from_ref(&overlay), "web:staff").is_err());
+        // The native snapshotter hands out a bind mount of the rootfs directory.
+        let bind = ctrd::Mount {
+            kind: "bind".into(),
+            source: lower.to_string_lossy().into_owned(),
+            options: vec!["rbind".into(), "rw".into()],
+            ..Default::default()
+        };
+        assert_eq!(lookup_user(&[bind], "web"), Ok((33, 34)));
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }
