@@ -224,6 +224,8 @@ fn deploy_run_resources_duplicate_undeploy() {
         rt.undeploy(delete(0)).await.unwrap();
         let s = next(&events, "UNDEPLOYED").await;
         assert_eq!((s.status, s.detail.as_str()), (Status::Undeployed, ""));
+        // While it stops (SIGTERM grace), it is no longer offered to the cluster as running.
+        assert!(rt.resources().await.unwrap().is_empty());
         let s = next(&events, "DEAD after undeploy").await;
         assert_eq!(s.status, Status::Dead);
         // sh as pid 1 ignores SIGTERM: SIGKILL after the grace.

@@ -26,7 +26,8 @@ impl Default for Timeouts {
             deploy: Duration::from_secs(600),
             stop_grace: Duration::from_secs(5),
             kill_wait: Duration::from_secs(10),
-            cleanup: Duration::from_secs(90),
+            // Above the sum of the teardown's bounded steps (5 × 30 s + the kill wait).
+            cleanup: Duration::from_secs(180),
         }
     }
 }

@@ -429,10 +429,23 @@ impl Actor {
                 }
             }
             Request::Resources(reply) => {
+                // An instance being stopped must not be listed: the cluster would set it
+                // RUNNING again right after our UNDEPLOYED (worker-protocol §3.6).
+                let leaving: Vec<String> = self
+                    .table
+                    .iter()
+                    .filter(|(_, s)| {
+                        matches!(
+                            s.inst.phase,
+                            Phase::Stopping { .. } | Phase::Cleaning { .. }
+                        )
+                    })
+                    .map(|(id, _)| id.clone())
+                    .collect();
                 let ctx = self.ctx.clone();
                 self.ex
                     .spawn(async move {
-                        let _ = reply.send(sample(&ctx).await).await;
+                        let _ = reply.send(sample(&ctx, &leaving).await).await;
                     })
                     .detach();
             }
@@ -981,8 +994,9 @@ impl Sampler {
 }
 
 /// Every container of the namespace whose task runs, with upstream's string metrics
-/// (worker-protocol §3.6): that includes instances this process did not start.
-async fn sample(ctx: &Ctx) -> Result<Vec<InstanceResources>, String> {
+/// (worker-protocol §3.6): that includes instances this process did not start, but not those
+/// in `leaving` (being torn down).
+async fn sample(ctx: &Ctx, leaving: &[String]) -> Result<Vec<InstanceResources>, String> {
     let mut cl = ctx.client();
     let containers = ctx
         .step("Containers/List", cl.container_list(&[]))
@@ -1004,6 +1018,9 @@ async fn sample(ctx: &Ctx) -> Result<Vec<InstanceResources>, String> {
         let Some((job, n)) = parse_container_id(&c.id) else {
             continue;
         };
+        if leaving.contains(&c.id) {
+            continue;
+        }
         let running = tasks.iter().any(|p| {
             p.id == c.id && matches!(p.status, ProcessStatus::Running | ProcessStatus::Paused)
         });
