@@ -376,6 +376,27 @@ mod tests {
         }
     }
 
+    /// No job cmd, env or limits: what the image alone gives.
+    fn build_bare(image: &ImageConfig) -> Result<Built, SpecError> {
+        let limits = Case::default().limits;
+        build(&Input {
+            namespace: "n",
+            container_id: "c",
+            instance: 0,
+            image,
+            cmd: &[],
+            environment: &[],
+            memory_mib: 0,
+            vcpus: 0.0,
+            privileged: false,
+            user: (0, 0),
+            limits,
+            netns: None,
+            resolv_conf: Path::new("/r"),
+            hosts: Path::new("/h"),
+        })
+    }
+
     fn run(c: &Case) -> (Value, Option<String>) {
         let b = build(&Input {
             namespace: "oakestra",
@@ -496,23 +517,7 @@ mod tests {
             image: ImageConfig::default(),
             ..Case::default()
         };
-        let e = build(&Input {
-            namespace: "n",
-            container_id: "c",
-            instance: 0,
-            image: &none.image,
-            cmd: &[],
-            environment: &[],
-            memory_mib: 0,
-            vcpus: 0.0,
-            privileged: false,
-            user: (0, 0),
-            limits: none.limits,
-            netns: None,
-            resolv_conf: Path::new("/r"),
-            hosts: Path::new("/h"),
-        })
-        .unwrap_err();
+        let e = build_bare(&none.image).unwrap_err();
         assert_eq!(e, SpecError::NoCommand);
         assert!(e.to_string().contains("set `cmd`"));
     }
@@ -615,23 +620,7 @@ mod tests {
             },
             ..Case::default()
         };
-        let e = build(&Input {
-            namespace: "n",
-            container_id: "c",
-            instance: 0,
-            image: &rel.image,
-            cmd: &[],
-            environment: &[],
-            memory_mib: 0,
-            vcpus: 0.0,
-            privileged: false,
-            user: (0, 0),
-            limits: rel.limits,
-            netns: None,
-            resolv_conf: Path::new("/r"),
-            hosts: Path::new("/h"),
-        })
-        .unwrap_err();
+        let e = build_bare(&rel.image).unwrap_err();
         assert!(matches!(e, SpecError::RelativeCwd(_)));
     }
 }
