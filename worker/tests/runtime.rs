@@ -481,3 +481,83 @@ fn adopts_running_instances_and_reports_the_dead_after_a_crash() {
     }));
     fx.stop().unwrap();
 }
+
+/// Stops the fixture's containerd (its pid file), runs `gap`, then starts it again the way
+/// `fixture.sh` does, updating the pid file so the fixture's `down` still finds it. The
+/// caller reaps the returned child after `down` stopped it.
+async fn restart_containerd(fx: &Fixture, gap: Duration) -> std::process::Child {
+    let pid_file = fx.dir.join("containerd.pid");
+    let pid: i32 = read(&pid_file).trim().parse().unwrap();
+    // SAFETY: kill(2) on the containerd this test's fixture started (pid from its pid file).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    eventually("containerd to stop", || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+            || read(format!("/proc/{pid}/stat")).split(' ').nth(2) == Some("Z")
+    })
+    .await;
+    async_io::Timer::after(gap).await;
+    let log = std::fs::File::create(fx.dir.join("containerd-restarted.log")).unwrap();
+    let child = std::process::Command::new("setsid")
+        .arg("containerd")
+        .arg("--config")
+        .arg(fx.dir.join("containerd.toml"))
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    std::fs::write(&pid_file, child.id().to_string()).unwrap();
+    let socket = fx.containerd_socket.clone();
+    within(20, "containerd to answer again", async {
+        loop {
+            let mut cl = Client::new(Options::new(&socket, "probe")).unwrap();
+            if cl.version().await.is_ok() {
+                return;
+            }
+            async_io::Timer::after(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    child
+}
+
+#[test]
+fn exit_while_containerd_restarts_is_still_reported() {
+    if !e2e::require_root("exit_while_containerd_restarts_is_still_reported") {
+        return;
+    }
+    let _serial = e2e::serial();
+    let fx = Fixture::start().unwrap();
+    let ns = "oakrt5";
+    pull(&fx, ns);
+    let ex = LocalExecutor::new();
+    let mut restarted = async_io::block_on(ex.run(async {
+        let (rt, events, _driver) = start(config(&fx, ns), Rc::new(NoPuller), &ex).await;
+        rt.deploy(job(&fx, 0, &["sh", "-c", "sleep 2; exit 6"]))
+            .await
+            .unwrap();
+        assert_eq!(next(&events, "CREATED").await.status, Status::Created);
+        // The task exits while containerd is down. Events are not replayed to a new
+        // subscription; the runtime reconciles with Tasks/List after resubscribing (a shim
+        // re-publishing its exit late would be ignored as stale, so either path gives one DEAD).
+        let child = restart_containerd(&fx, Duration::from_secs(3)).await;
+        let s = next(&events, "DEAD found after the restart").await;
+        assert_eq!(
+            (s.instance, s.status, s.detail.as_str()),
+            (0, Status::Dead, "exited with code 6")
+        );
+        assert_gone(&fx, ns, &id(0)).await;
+        // The new subscription works: a later exit arrives as an event.
+        rt.deploy(job(&fx, 1, &["sh", "-c", "exit 2"]))
+            .await
+            .unwrap();
+        let mut s = next(&events, "report of instance 1").await;
+        if s.status == Status::Created {
+            s = next(&events, "DEAD of instance 1").await;
+        }
+        assert_eq!((s.instance, s.status), (1, Status::Dead), "{s:?}");
+        child
+    }));
+    fx.stop().unwrap();
+    restarted.wait().unwrap();
+}
