@@ -561,3 +561,93 @@ fn exit_while_containerd_restarts_is_still_reported() {
     fx.stop().unwrap();
     restarted.wait().unwrap();
 }
+
+/// An overlay stand-in: hands out a prepared netns and never finishes detaching.
+struct StuckNetwork {
+    netns: PathBuf,
+    detached: Rc<Cell<u32>>,
+}
+
+impl worker::runtime::Network for StuckNetwork {
+    fn attach<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a DeployCommand,
+    ) -> worker::runtime::BoxFuture<'a, Result<Option<PathBuf>, String>> {
+        let p = self.netns.clone();
+        Box::pin(async move { Ok(Some(p)) })
+    }
+    fn detach<'a>(&'a self, _: &'a str) -> worker::runtime::BoxFuture<'a, ()> {
+        self.detached.set(self.detached.get() + 1);
+        Box::pin(futures_lite::future::pending())
+    }
+}
+
+#[test]
+fn joins_the_overlay_netns_and_survives_a_stuck_detach() {
+    if !e2e::require_root("joins_the_overlay_netns_and_survives_a_stuck_detach") {
+        return;
+    }
+    let _serial = e2e::serial();
+    let fx = Fixture::start().unwrap();
+    let ns = "oakrt6";
+    pull(&fx, ns);
+    let name = format!("oakrt-{}", std::process::id());
+    let ip = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ip(&["netns", "add", &name]);
+    // Deleted on every exit path, a failed assert included.
+    struct NetnsGuard(String);
+    impl Drop for NetnsGuard {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "delete", &self.0])
+                .status();
+        }
+    }
+    let _netns = NetnsGuard(name.clone());
+    ip(&["-n", &name, "addr", "add", "10.77.0.1/32", "dev", "lo"]);
+    let detached = Rc::new(Cell::new(0));
+    let net = StuckNetwork {
+        netns: PathBuf::from(format!("/var/run/netns/{name}")),
+        detached: detached.clone(),
+    };
+    let mut cfg = config(&fx, ns);
+    cfg.step_timeout = Duration::from_secs(2);
+    let app_logs = cfg.app_logs.clone();
+    let ex = LocalExecutor::new();
+    async_io::block_on(ex.run(async {
+        let (rt, events, driver) = Runtime::start(cfg, Rc::new(NoPuller), Rc::new(net))
+            .await
+            .unwrap();
+        let _driver = ex.spawn(driver);
+        let script = "ip addr show lo; echo ready; exit 0";
+        rt.deploy(job(&fx, 0, &["sh", "-c", script])).await.unwrap();
+        let mut s = next(&events, "report").await;
+        if s.status == Status::Created {
+            s = next(&events, "DEAD after the exit").await;
+        }
+        // The teardown waited at most the step timeout for the stuck detach, then went on.
+        assert_eq!(
+            (s.status, s.detail.as_str()),
+            (Status::Dead, "exited with code 0")
+        );
+        assert_eq!(detached.get(), 1);
+        assert_gone(&fx, ns, &id(0)).await;
+        let log = read(app_logs.join(id(0)));
+        assert!(
+            log.contains("10.77.0.1"),
+            "the container joined the overlay's netns: {log}"
+        );
+    }));
+    fx.stop().unwrap();
+}

@@ -304,7 +304,9 @@ impl Made {
     fn everything(c: &ctrd::Container) -> Made {
         Made {
             container: true,
-            snapshot: Some((c.snapshotter.clone(), c.snapshot_key.clone())),
+            // A container made by another tool may have no snapshot.
+            snapshot: (!c.snapshot_key.is_empty())
+                .then(|| (c.snapshotter.clone(), c.snapshot_key.clone())),
             task: true,
             network: true,
         }
@@ -951,7 +953,15 @@ async fn teardown(ctx: &Ctx, id: &str, made: &Made) {
         }
     }
     if made.network {
-        ctx.network.detach(id).await;
+        let limit = ctx.cfg.step_timeout;
+        let timer = async {
+            Timer::after(limit).await;
+            log::warn!(
+                "{id}: network detach took over {} s; continuing the teardown",
+                limit.as_secs()
+            );
+        };
+        future::or(ctx.network.detach(id), timer).await;
     }
     if made.container {
         if let Err(e) = ctx.step("Containers/Delete", cl.container_delete(id)).await {
