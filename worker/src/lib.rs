@@ -19,6 +19,7 @@ pub mod netio;
 pub mod outbox;
 pub mod protocol;
 pub mod register;
+pub mod runtime;
 pub mod runtime_link;
 pub mod session;
 pub mod status;

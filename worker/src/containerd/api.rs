@@ -16,11 +16,13 @@ pub mod path {
     pub const LEASES_DELETE: &str = "/containerd.services.leases.v1.Leases/Delete";
     pub const CONTENT_WRITE: &str = "/containerd.services.content.v1.Content/Write";
     pub const CONTENT_INFO: &str = "/containerd.services.content.v1.Content/Info";
+    pub const CONTENT_READ: &str = "/containerd.services.content.v1.Content/Read";
     pub const SNAPSHOTS_PREPARE: &str = "/containerd.services.snapshots.v1.Snapshots/Prepare";
     pub const SNAPSHOTS_MOUNTS: &str = "/containerd.services.snapshots.v1.Snapshots/Mounts";
     pub const SNAPSHOTS_COMMIT: &str = "/containerd.services.snapshots.v1.Snapshots/Commit";
     pub const SNAPSHOTS_REMOVE: &str = "/containerd.services.snapshots.v1.Snapshots/Remove";
     pub const SNAPSHOTS_STAT: &str = "/containerd.services.snapshots.v1.Snapshots/Stat";
+    pub const SNAPSHOTS_USAGE: &str = "/containerd.services.snapshots.v1.Snapshots/Usage";
     pub const DIFF_APPLY: &str = "/containerd.services.diff.v1.Diff/Apply";
     pub const IMAGES_GET: &str = "/containerd.services.images.v1.Images/Get";
     pub const IMAGES_CREATE: &str = "/containerd.services.images.v1.Images/Create";
@@ -375,6 +377,43 @@ impl Decode for ContentInfo {
     }
 }
 
+/// `ReadContentRequest{digest = 1, offset = 2, size = 3}`; size 0 reads to the end.
+pub struct ReadContent<'a> {
+    pub digest: &'a str,
+    pub offset: i64,
+    pub size: i64,
+}
+
+impl Encode for ReadContent<'_> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        pb::string(out, 1, self.digest);
+        pb::int64(out, 2, self.offset);
+        pb::int64(out, 3, self.size);
+    }
+}
+
+/// One message of the Content/Read stream: `{offset = 1, data = 2}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContentChunk {
+    pub offset: i64,
+    pub data: Vec<u8>,
+}
+
+impl Decode for ContentChunk {
+    fn decode(buf: &[u8]) -> Result<Self, Error> {
+        let mut c = ContentChunk::default();
+        pb::for_each(buf, |f| {
+            match f.num {
+                1 => c.offset = f.i64()?,
+                2 => c.data = f.bytes()?.to_vec(),
+                _ => {}
+            }
+            Ok(())
+        })?;
+        Ok(c)
+    }
+}
+
 // ------------------------------------------------------------------ snapshots
 
 /// Prepare (and View) request.
@@ -467,6 +506,28 @@ impl Decode for SnapshotInfo {
             Ok(())
         })?;
         Ok(i)
+    }
+}
+
+/// `UsageResponse{size = 1, inodes = 2}`: disk use of one snapshot (its own layer only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotUsage {
+    pub size: i64,
+    pub inodes: i64,
+}
+
+impl Decode for SnapshotUsage {
+    fn decode(buf: &[u8]) -> Result<Self, Error> {
+        let mut u = SnapshotUsage::default();
+        pb::for_each(buf, |f| {
+            match f.num {
+                1 => u.size = f.i64()?,
+                2 => u.inodes = f.i64()?,
+                _ => {}
+            }
+            Ok(())
+        })?;
+        Ok(u)
     }
 }
 
@@ -1209,5 +1270,31 @@ mod tests {
         let mut t = Vec::new();
         pb::int64(&mut t, 1, -62_135_596_800);
         assert_eq!(Timestamp::decode(&t).unwrap().seconds, -62_135_596_800);
+    }
+
+    #[test]
+    fn content_read_and_usage_messages() {
+        let req = enc(&ReadContent {
+            digest: "sha256:ab",
+            offset: 0,
+            size: 0,
+        });
+        // Zero offset and size are omitted (proto3 defaults): only the digest goes out.
+        assert_eq!(req, [&[0x0a, 9][..], b"sha256:ab"].concat());
+        let mut chunk = Vec::new();
+        pb::int64(&mut chunk, 1, 4);
+        pb::bytes(&mut chunk, 2, b"{}");
+        let c = ContentChunk::decode(&chunk).unwrap();
+        assert_eq!((c.offset, c.data.as_slice()), (4, &b"{}"[..]));
+        let mut usage = Vec::new();
+        pb::int64(&mut usage, 1, 8192);
+        pb::int64(&mut usage, 2, 3);
+        assert_eq!(
+            SnapshotUsage::decode(&usage).unwrap(),
+            SnapshotUsage {
+                size: 8192,
+                inodes: 3
+            }
+        );
     }
 }

@@ -501,6 +501,41 @@ impl Connection {
     }
 }
 
+/// The Content/Read stream: chunks in order, at most `limit` bytes in all.
+async fn read_stream(
+    conn: &mut Connection,
+    method: &'static str,
+    namespace: &str,
+    req: &dyn Encode,
+    digest: &str,
+    limit: usize,
+) -> Result<Vec<u8>, Error> {
+    conn.start(method, namespace, None)?;
+    conn.encode(req);
+    conn.send(true).await?;
+    let mut out = Vec::new();
+    while let Some(chunk) = conn.recv::<api::ContentChunk>().await? {
+        if chunk.offset != out.len() as i64 {
+            return Err(Error::Decode {
+                method,
+                detail: format!(
+                    "{digest}: chunk at offset {} after {} bytes",
+                    chunk.offset,
+                    out.len()
+                ),
+            });
+        }
+        if out.len() + chunk.data.len() > limit {
+            return Err(Error::Decode {
+                method,
+                detail: format!("{digest} is larger than the {limit} bytes allowed here"),
+            });
+        }
+        out.extend_from_slice(&chunk.data);
+    }
+    Ok(out)
+}
+
 fn decode<R: Decode>(method: &'static str, bytes: &[u8]) -> Result<R, Error> {
     R::decode(bytes).map_err(|e: pb::Error| Error::Decode {
         method,
@@ -727,6 +762,24 @@ impl Client {
         Ok(r.0)
     }
 
+    /// Content/Read of a whole (small) blob on the control connection: index, manifest and
+    /// image config documents. Refuses blobs above `limit` bytes without reading them all
+    /// (the abandoned stream makes the next call reopen the connection).
+    pub async fn content_read(&mut self, digest: &str, limit: usize) -> Result<Vec<u8>, Error> {
+        let method = path::CONTENT_READ;
+        let req = api::ReadContent {
+            digest,
+            offset: 0,
+            size: 0,
+        };
+        let conn = reuse_or_open(&mut self.conn, &self.opts).await?;
+        let res = read_stream(conn, method, &self.opts.namespace, &req, digest, limit).await;
+        if conn.h2.is_closing() || res.as_ref().err().is_some_and(Error::poisons_connection) {
+            self.conn = None;
+        }
+        res
+    }
+
     /// Starts a Content/Write ingest on its own connection with a STAT for `reference`
     /// (`"layer-<digest>"` etc.). [`Ingest::Exists`] means the blob is already there.
     pub async fn content_writer(
@@ -860,6 +913,19 @@ impl Client {
                 key,
                 labels,
             },
+        )
+        .await
+    }
+
+    /// Snapshots/Usage: bytes and inodes of the snapshot's own layer (a container's writes).
+    pub async fn snapshot_usage(
+        &mut self,
+        snapshotter: &str,
+        key: &str,
+    ) -> Result<api::SnapshotUsage, Error> {
+        self.unary(
+            path::SNAPSHOTS_USAGE,
+            &api::SnapshotKey { snapshotter, key },
         )
         .await
     }
