@@ -73,6 +73,7 @@ pub enum TlsError {
     KeyMismatch {
         cert_setting: &'static str,
         cert: PathBuf,
+        key_setting: &'static str,
         key: PathBuf,
     },
     BadKey {
@@ -139,11 +140,12 @@ impl fmt::Display for TlsError {
             TlsError::KeyMismatch {
                 cert_setting,
                 cert,
+                key_setting,
                 key,
             } => write!(
                 f,
-                "the key {} does not belong to the certificate {} ({cert_setting}): their public \
-                 keys differ; configure the key the certificate was issued for",
+                "{key_setting} {} does not belong to {cert_setting} {}: their public keys \
+                 differ; configure the key the certificate was issued for",
                 key.display(),
                 cert.display(),
             ),
@@ -348,6 +350,7 @@ pub fn client_config(
                         TlsError::KeyMismatch {
                             cert_setting,
                             cert: cert_path,
+                            key_setting,
                             key: key_path,
                         }
                     }
@@ -452,11 +455,19 @@ impl Connector {
                 Some(h) => format!("TLS: {e}: {h}"),
                 None => format!("TLS: {e}"),
             },
-            // Servers that reject a client during the handshake often just close the socket.
-            None if handshake && e.kind() == io::ErrorKind::UnexpectedEof => format!(
+            // Servers that reject a client during the handshake often just close (or reset) the
+            // socket; so does mosquitto's plain listener when a ClientHello arrives.
+            None if handshake
+                && matches!(
+                    e.kind(),
+                    io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                format!(
                 "TLS: {e}: the server closed the connection during the handshake: is this port \
                  a TLS listener, and does it accept this client?"
-            ),
+                )
+            }
             None => e.to_string(),
         };
         io::Error::new(e.kind(), text)
