@@ -618,7 +618,9 @@ fn bad_client_files_stop_the_worker_at_start() {
     let dir = TempDir::new("tls-files");
     let pki = Pki::new(&dir.0);
     let missing = dir.0.join("nope.crt").display().to_string();
-    let cases: [(&str, Vec<(&str, String)>, &str); 4] = [
+    // (case, environment, expected message)
+    type Case = (&'static str, Vec<(&'static str, String)>, &'static str);
+    let cases: [Case; 4] = [
         (
             "missing",
             vec![
