@@ -529,14 +529,14 @@ fn wrong_ca_is_named_in_the_log_and_retried() {
     assert_eq!(standin.registrations(), 0);
     assert!(https.alive());
 
-    // MQTTS: registration in plain HTTP, the broker's certificate checked against the wrong CA.
-    let plain = StandIn::start(NODE_ID, broker.mtls, None);
+    // OAK_CLUSTER_CA wins for registration; the broker is still checked against OAK_MQTT_CA.
     let mqtt_dir = dir.0.join("mqtt");
-    std::fs::create_dir_all(&mqtt_dir).unwrap();
+    conf_with_ssl(&mqtt_dir);
     let mut mqtt = Worker::start(
         &mqtt_dir,
-        plain.port,
+        front.port,
         &[
+            ("OAK_CLUSTER_CA", &pki.path("ca.crt")),
             ("OAK_MQTT_CERT", &pki.path("client.crt")),
             ("OAK_MQTT_KEY", &pki.path("client.key")),
             ("OAK_MQTT_CA", &pki.path("other-ca.crt")),
@@ -550,6 +550,7 @@ fn wrong_ca_is_named_in_the_log_and_retried() {
             && log.contains("set OAK_MQTT_CA to the PEM file"),
         "{log}"
     );
+    assert!(log.contains("registered as node"), "{log}");
     assert!(mqtt.alive() && https.alive());
     let status: serde_json::Value = serde_json::from_str(&mqtt.get("/status")).unwrap();
     assert_eq!(status["broker"]["state"], "disconnected");
