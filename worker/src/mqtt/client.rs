@@ -5,8 +5,9 @@
 //! and reconnects with capped backoff. It does not interpret topics or payloads.
 //!
 //! With [`Config::tls`] set it speaks TLS from the first byte (MQTTS, spec §10). Upstream's Go
-//! worker tries plain TCP first and TLS second on the same port; we drop that quirk: a TLS-only
-//! listener only logs a failed plain attempt, and a plain one must not be used by mistake.
+//! worker tries plain TCP first and TLS second on the same port; we drop that quirk: against a
+//! TLS-only listener the plain attempt only adds a failure, and against a plain listener it would
+//! send the session unencrypted although a certificate is configured.
 
 use std::collections::VecDeque;
 use std::future::Future;
