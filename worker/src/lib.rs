@@ -25,6 +25,7 @@ pub mod session;
 pub mod status;
 pub mod sysinfo;
 pub mod telemetry;
+pub mod tls;
 
 /// Version printed by `NodeEngine version`, with the upstream release we are wire-compatible with.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -102,9 +102,8 @@ fn run_foreground(paths: &Paths, cli: &Overrides) -> Result<(), String> {
         settings.cluster_port,
         settings.network
     );
-    if let Some(e) = session::Config::unsupported(&settings) {
-        return Err(e);
-    }
+    let cfg =
+        session::Config::from_settings(&settings, env("MY_PORT")).map_err(|e| e.to_string())?;
     if settings.network != NetworkMode::Off {
         log::warn!(
             "network mode {} requested, but the overlay is not part of this build yet (issue #5): instances get loopback only",
@@ -119,7 +118,6 @@ fn run_foreground(paths: &Paths, cli: &Overrides) -> Result<(), String> {
     let _status =
         status::serve(settings.status_addr, telemetry.clone()).map_err(|e| e.to_string())?;
     log::info!("status endpoint on http://{}/status", settings.status_addr);
-    let cfg = session::Config::from_settings(&settings, env("MY_PORT"));
     let ex = async_executor::LocalExecutor::new();
     let (session_side, runtime_side) = runtime_link::link(cfg.runtime_capacity);
     // The containerd runtime plugs in here (issue #4); until then every deploy fails clearly.
