@@ -131,9 +131,11 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-/// `NodeEngine` and `orch-lite` of this build. `cargo test --workspace` has built them already
-/// (both packages have integration tests), so the build below is a quick up-to-date check; with
-/// `cargo test -p e2e` alone it builds them, so the test never runs stale binaries.
+/// `NodeEngine` and `orch-lite` of this build, next to this test binary. `cargo test
+/// --workspace` builds them first (both packages have integration tests), so they are used as
+/// they are when newer than every source they come from; otherwise (`cargo test -p e2e` after an
+/// edit) they are built, so the test never runs stale binaries. Always building would not do:
+/// `cargo build` unifies features differently from `cargo test` and would relink them each run.
 fn binaries() -> Result<(PathBuf, PathBuf), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     // <target>/<profile>/deps/<test binary>
@@ -142,6 +144,21 @@ fn binaries() -> Result<(PathBuf, PathBuf), String> {
         .and_then(Path::parent)
         .ok_or_else(|| format!("unexpected test binary path {}", exe.display()))?
         .to_path_buf();
+    let (ne, ol) = (
+        profile_dir.join("NodeEngine"),
+        profile_dir.join("orch-lite"),
+    );
+    let repo = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let sources = ["worker", "orch-lite", "netstack", "Cargo.lock"].map(|p| repo.join(p));
+    let newest_source = sources.iter().filter_map(|p| newest(p)).max();
+    let built = [&ne, &ol]
+        .iter()
+        .map(|b| std::fs::metadata(b).and_then(|m| m.modified()).ok())
+        .min()
+        .flatten();
+    if built.is_some() && built >= newest_source {
+        return Ok((ne, ol));
+    }
     let cargo = option_env!("CARGO").unwrap_or("cargo");
     let mut build = Command::new(cargo);
     build.args([
@@ -162,14 +179,10 @@ fn binaries() -> Result<(PathBuf, PathBuf), String> {
     if let Some(target_dir) = profile_dir.parent() {
         build.arg("--target-dir").arg(target_dir);
     }
-    build.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
     let st = build
+        .current_dir(repo)
         .status()
         .map_err(|e| format!("cannot run {cargo} build: {e}"))?;
-    let (ne, ol) = (
-        profile_dir.join("NodeEngine"),
-        profile_dir.join("orch-lite"),
-    );
     if !st.success() || !ne.exists() || !ol.exists() {
         return Err(format!(
             "{} or {} missing ({cargo} build: {st}): run `cargo build -p worker -p orch-lite` first",
@@ -178,6 +191,20 @@ fn binaries() -> Result<(PathBuf, PathBuf), String> {
         ));
     }
     Ok((ne, ol))
+}
+
+/// Latest modification time of a file, or of any file under a directory (skipping `target`).
+fn newest(p: &Path) -> Option<std::time::SystemTime> {
+    let meta = std::fs::metadata(p).ok()?;
+    if !meta.is_dir() {
+        return meta.modified().ok();
+    }
+    std::fs::read_dir(p)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name() != "target")
+        .filter_map(|e| newest(&e.path()))
+        .max()
 }
 
 /// One JSON request; any HTTP status is an answer, only transport failures are errors.

@@ -143,9 +143,18 @@ async fn connect(
 /// The operator-facing reason a start failed: containerd itself, or our own preparation.
 fn describe(socket: &str, e: &Error) -> String {
     match e {
-        Error::Containerd(e) => format!(
-            "containerd at {socket} unreachable: {e} (is containerd running? OAK_CONTAINERD_SOCKET selects the socket)"
-        ),
+        Error::Containerd(e) => {
+            // The client's errors already name the socket and often the fix; say it once.
+            let text = e.to_string();
+            let prefix = format!("containerd at {socket}: ");
+            let detail = text.strip_prefix(&prefix).unwrap_or(&text);
+            let hint = if detail.contains("OAK_CONTAINERD_SOCKET") {
+                ""
+            } else {
+                " (is containerd running? OAK_CONTAINERD_SOCKET selects the socket)"
+            };
+            format!("containerd at {socket} unreachable: {detail}{hint}")
+        }
         other => format!("container runtime not ready: {other}"),
     }
 }
@@ -442,12 +451,10 @@ mod tests {
                 Event::Status(s) => {
                     assert_eq!((s.job_name.as_str(), s.instance), ("a.b.c.d", 3));
                     assert_eq!(s.status, Status::Failed);
-                    assert!(
-                        s.detail
-                            .contains(&format!("containerd at {} unreachable", socket.display())),
-                        "{}",
-                        s.detail
-                    );
+                    let want = format!("containerd at {} unreachable: ", socket.display());
+                    assert!(s.detail.starts_with(&want), "{}", s.detail);
+                    assert_eq!(s.detail.matches("containerd at").count(), 1, "{}", s.detail);
+                    assert!(s.detail.contains("OAK_CONTAINERD_SOCKET"), "{}", s.detail);
                 }
                 other => panic!("expected FAILED, got {other:?}"),
             }
