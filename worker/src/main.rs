@@ -8,7 +8,9 @@ use std::time::Duration;
 use worker::cli::{self, Command, ConfigCommand};
 use worker::config::{ConfFile, NetworkMode, Overrides, Paths, Settings};
 use worker::telemetry::Telemetry;
-use worker::{config_edit, control, runtime_link, session, status};
+use worker::{
+    config_edit, control, image, runtime, runtime_adapter, runtime_link, session, status,
+};
 
 fn env(key: &str) -> Option<String> {
     std::env::var(key).ok()
@@ -120,9 +122,18 @@ fn run_foreground(paths: &Paths, cli: &Overrides) -> Result<(), String> {
     log::info!("status endpoint on http://{}/status", settings.status_addr);
     let ex = async_executor::LocalExecutor::new();
     let (session_side, runtime_side) = runtime_link::link(cfg.runtime_capacity);
-    // The containerd runtime plugs in here (issue #4); until then every deploy fails clearly.
-    log::warn!("no container runtime in this build: every deploy will be answered FAILED");
-    ex.spawn(runtime_link::no_runtime(runtime_side)).detach();
+    let pull = image::PullConfig::from_env(settings.insecure_registries.clone());
+    let rt_cfg = runtime_adapter::runtime_config(&settings, &pull);
+    let puller = runtime_adapter::RegistryPuller::new(&rt_cfg, pull, telemetry.images.clone());
+    // The overlay plugs in as the Network seam (issue #5); until then instances get loopback.
+    ex.spawn(runtime_adapter::run(
+        runtime_side,
+        runtime_adapter::Config::new(rt_cfg),
+        std::rc::Rc::new(puller),
+        std::rc::Rc::new(runtime::NoNetwork),
+        telemetry.clone(),
+    ))
+    .detach();
     let stop = shutdown_signal().map_err(|e| format!("cannot install the SIGTERM handler: {e}"))?;
     async_io::block_on(ex.run(session::run(cfg, session_side, telemetry, &ex, stop)));
     let _ = std::fs::remove_file(control::pid_file(&settings.state_dir));
