@@ -64,14 +64,20 @@ impl Args {
         let mut out = Vec::new();
         let mut it = v.iter();
         while let Some(k) = it.next() {
-            let key = k.strip_prefix("--").ok_or_else(|| format!("unexpected argument {k:?}"))?;
+            let key = k
+                .strip_prefix("--")
+                .ok_or_else(|| format!("unexpected argument {k:?}"))?;
             let val = it.next().ok_or_else(|| format!("--{key} needs a value"))?;
             out.push((key.to_string(), val.clone()));
         }
         Ok(Args(out))
     }
     fn get(&self, k: &str) -> Option<&str> {
-        self.0.iter().rev().find(|(a, _)| a == k).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .rev()
+            .find(|(a, _)| a == k)
+            .map(|(_, v)| v.as_str())
     }
     fn req(&self, k: &str) -> Result<&str, String> {
         self.get(k).ok_or_else(|| format!("missing --{k}"))
@@ -79,7 +85,9 @@ impl Args {
     fn num<T: std::str::FromStr>(&self, k: &str, default: T) -> Result<T, String> {
         match self.get(k) {
             None => Ok(default),
-            Some(v) => v.parse().map_err(|_| format!("--{k} {v:?} is not a number")),
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("--{k} {v:?} is not a number")),
         }
     }
     fn path(&self, k: &str) -> Result<PathBuf, String> {
@@ -95,14 +103,32 @@ fn record(a: &Args) -> Result<(), String> {
     let (section, name, unit) = (a.req("section")?, a.req("name")?, a.req("unit")?);
     let mut r = match a.get("not-measurable") {
         Some(why) => results::Record::not_measurable(section, name, unit, why),
-        None => results::Record::new(section, name, a.get("value").map(|v| v.parse::<f64>()).transpose().map_err(|e| e.to_string())?, unit),
+        None => results::Record::new(
+            section,
+            name,
+            a.get("value")
+                .map(|v| v.parse::<f64>())
+                .transpose()
+                .map_err(|e| e.to_string())?,
+            unit,
+        ),
     };
     if let Some(b) = a.get("baseline-name") {
-        r = r.baseline(b, a.get("baseline").map(|v| v.parse::<f64>()).transpose().map_err(|e| e.to_string())?);
+        r = r.baseline(
+            b,
+            a.get("baseline")
+                .map(|v| v.parse::<f64>())
+                .transpose()
+                .map_err(|e| e.to_string())?,
+        );
     }
     if let Some(op) = a.get("goal-op") {
         let keep = r.status.clone();
-        r = r.goal(op, a.num("goal-value", 0.0)?, a.get("goal-text").unwrap_or(""));
+        r = r.goal(
+            op,
+            a.num("goal-value", 0.0)?,
+            a.get("goal-text").unwrap_or(""),
+        );
         r.status = keep;
     }
     if let Some(n) = a.get("notes") {
@@ -117,14 +143,18 @@ fn record(a: &Args) -> Result<(), String> {
 
 fn report(a: &Args) -> Result<(), String> {
     let dir = results::out_dir();
-    let records = results::load(&dir.join("results.jsonl")).map_err(|e| format!("{}: {e}", dir.join("results.jsonl").display()))?;
+    let records = results::load(&dir.join("results.jsonl"))
+        .map_err(|e| format!("{}: {e}", dir.join("results.jsonl").display()))?;
     let mut plots = Vec::new();
     if let Ok(rd) = std::fs::read_dir(dir.join("plots")) {
         let mut files: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).collect();
         files.sort();
         for f in files {
             let text = std::fs::read_to_string(&f).map_err(|e| e.to_string())?;
-            plots.push(serde_json::from_str::<results::Plot>(&text).map_err(|e| format!("{}: {e}", f.display()))?);
+            plots.push(
+                serde_json::from_str::<results::Plot>(&text)
+                    .map_err(|e| format!("{}: {e}", f.display()))?,
+            );
         }
     }
     let svg_dir = a.path("svg-dir")?;
@@ -133,7 +163,13 @@ fn report(a: &Args) -> Result<(), String> {
         report::svg(p, &svg_dir.join(format!("{}.svg", p.id)))?;
     }
     let m = report::machine(a.get("commit").unwrap_or("unknown"));
-    let md = report::markdown(&records, &m, &plots, a.get("svg-rel").unwrap_or("docs/bench"), results::smoke());
+    let md = report::markdown(
+        &records,
+        &m,
+        &plots,
+        a.get("svg-rel").unwrap_or("docs/bench"),
+        results::smoke(),
+    );
     std::fs::write(a.req("out")?, md).map_err(|e| e.to_string())
 }
 
@@ -177,7 +213,11 @@ fn main() -> ExitCode {
                 sizes: a
                     .req("workers")?
                     .split(',')
-                    .map(|s| s.trim().parse::<usize>().map_err(|_| format!("--workers {s:?}")))
+                    .map(|s| {
+                        s.trim()
+                            .parse::<usize>()
+                            .map_err(|_| format!("--workers {s:?}"))
+                    })
                     .collect::<Result<_, _>>()?,
                 interval: Duration::from_secs(2),
                 window: secs(a.num("secs", 30.0)?),

@@ -88,9 +88,7 @@ pub fn sample(
         let t = t0.elapsed().as_secs_f64();
         for (i, p) in pids.iter().enumerate() {
             if let Some(m) = mem(*p) {
-                out[i]
-                    .samples
-                    .push((t, m.rss_kib as f64, m.pss_kib as f64));
+                out[i].samples.push((t, m.rss_kib as f64, m.pss_kib as f64));
             }
             if let Some(c) = cpu_ticks(*p) {
                 last[i] = Some(c);

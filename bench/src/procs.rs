@@ -114,7 +114,12 @@ pub struct Orch {
 }
 
 impl Orch {
-    pub fn start(bin: &Path, role: &str, dir: &Path, extra: &[(&str, String)]) -> Result<Orch, String> {
+    pub fn start(
+        bin: &Path,
+        role: &str,
+        dir: &Path,
+        extra: &[(&str, String)],
+    ) -> Result<Orch, String> {
         let (cluster_api, root_api, mqtt) = (free_port(), free_port(), free_port());
         let mut env = vec![
             ("RUST_LOG", "warn".to_string()),
@@ -230,7 +235,9 @@ impl Drop for TempDir {
 /// An HTTP error with the answer's body (the APIs say what is wrong in `message`).
 pub fn http_err(what: &str, e: ureq::Error) -> String {
     match e {
-        ureq::Error::Status(c, r) => format!("{what}: HTTP {c}: {}", r.into_string().unwrap_or_default()),
+        ureq::Error::Status(c, r) => {
+            format!("{what}: HTTP {c}: {}", r.into_string().unwrap_or_default())
+        }
         e => format!("{what}: {e}"),
     }
 }

@@ -18,7 +18,7 @@ fn fmt(v: Option<f64>) -> String {
     match v {
         None => "–".into(),
         Some(x) if !x.is_finite() => "–".into(),
-        Some(x) if x == 0.0 => "0".into(),
+        Some(0.0) => "0".into(),
         Some(x) if x.abs() >= 100.0 => format!("{x:.0}"),
         Some(x) if x.abs() >= 10.0 => format!("{x:.1}"),
         Some(x) if x.abs() >= 0.01 => format!("{x:.2}"),
@@ -42,10 +42,20 @@ fn miss_text(r: &Record) -> Option<String> {
         return None;
     }
     let by = (v - g.value).abs();
-    let factor = if g.value != 0.0 { format!(" ({:.1}× the goal)", v / g.value) } else { String::new() };
+    let factor = if g.value != 0.0 {
+        format!(" ({:.1}× the goal)", v / g.value)
+    } else {
+        String::new()
+    };
     Some(format!(
         "- **{}**: {} {} against a goal of {}: missed by {} {}{}.",
-        r.name, fmt(Some(v)), r.unit, g.text, fmt(Some(by)), r.unit, factor
+        r.name,
+        fmt(Some(v)),
+        r.unit,
+        g.text,
+        fmt(Some(by)),
+        r.unit,
+        factor
     ))
 }
 
@@ -56,17 +66,34 @@ pub struct Machine {
 pub fn machine(commit: &str) -> Machine {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
         .unwrap_or_else(|| "unknown".into());
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|t| t.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<f64>().ok()))
+        .and_then(|t| {
+            t.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<f64>().ok())
+        })
         .map(|k| format!("{:.1} GiB", k / 1024.0 / 1024.0))
         .unwrap_or_default();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     let os = std::fs::read_to_string("/etc/os-release")
         .ok()
-        .and_then(|t| t.lines().find(|l| l.starts_with("PRETTY_NAME=")).map(|l| l[12..].trim_matches('"').to_string()))
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("PRETTY_NAME="))
+                .map(|l| l[12..].trim_matches('"').to_string())
+        })
         .unwrap_or_default();
     let date = std::process::Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
@@ -76,7 +103,12 @@ pub fn machine(commit: &str) -> Machine {
     Machine {
         lines: vec![
             ("CPU".into(), cpu),
-            ("cores".into(), std::thread::available_parallelism().map(|n| n.to_string()).unwrap_or_default()),
+            (
+                "cores".into(),
+                std::thread::available_parallelism()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default(),
+            ),
             ("memory".into(), mem),
             ("kernel".into(), kernel),
             ("OS".into(), os),
@@ -86,7 +118,13 @@ pub fn machine(commit: &str) -> Machine {
     }
 }
 
-pub fn markdown(records: &[Record], m: &Machine, plots: &[Plot], svg_rel: &str, smoke: bool) -> String {
+pub fn markdown(
+    records: &[Record],
+    m: &Machine,
+    plots: &[Plot],
+    svg_rel: &str,
+    smoke: bool,
+) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# Benchmarks\n");
     let _ = writeln!(
@@ -108,7 +146,10 @@ pub fn markdown(records: &[Record], m: &Machine, plots: &[Plot], svg_rel: &str, 
          particular include contention from whatever else was running.\n"
     );
     let misses: Vec<String> = records.iter().filter_map(miss_text).collect();
-    let nm: Vec<&Record> = records.iter().filter(|r| r.status == "not-measurable-yet").collect();
+    let nm: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.status == "not-measurable-yet")
+        .collect();
     let _ = writeln!(s, "## Summary\n");
     let met = records.iter().filter(|r| r.status == "pass").count();
     let _ = writeln!(
@@ -137,7 +178,10 @@ pub fn markdown(records: &[Record], m: &Machine, plots: &[Plot], svg_rel: &str, 
         let rs: Vec<&Record> = records.iter().filter(|r| r.section == key).collect();
         let _ = writeln!(s, "## {title}\n");
         if rs.is_empty() {
-            let _ = writeln!(s, "Not run in this report (`scripts/bench.sh --only` or a failed benchmark).\n");
+            let _ = writeln!(
+                s,
+                "Not run in this report (`scripts/bench.sh --only` or a failed benchmark).\n"
+            );
             continue;
         }
         let _ = writeln!(s, "| figure | value | unit | baseline (same run) | ratio | goal | verdict | notes |\n|---|---|---|---|---|---|---|---|");
@@ -146,7 +190,11 @@ pub fn markdown(records: &[Record], m: &Machine, plots: &[Plot], svg_rel: &str, 
                 ("", None) => "–".into(),
                 (n, v) => format!("{} ({n})", fmt(v)),
             };
-            let goal = r.goal.as_ref().map(|g| g.text.clone()).unwrap_or("–".into());
+            let goal = r
+                .goal
+                .as_ref()
+                .map(|g| g.text.clone())
+                .unwrap_or("–".into());
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -231,9 +279,18 @@ fn color(i: usize) -> RGBColor {
 }
 
 pub fn svg(p: &Plot, path: &Path) -> Result<(), String> {
-    let pts: Vec<(f64, f64)> = p.series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
-    let (mut x0, mut x1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), (x, _)| (a.min(*x), b.max(*x)));
-    let (mut y0, mut y1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), (_, y)| (a.min(*y), b.max(*y)));
+    let pts: Vec<(f64, f64)> = p
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .filter(|(x, y)| x.is_finite() && y.is_finite())
+        .collect();
+    let (mut x0, mut x1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), (x, _)| {
+        (a.min(*x), b.max(*x))
+    });
+    let (mut y0, mut y1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), (_, y)| {
+        (a.min(*y), b.max(*y))
+    });
     if pts.is_empty() {
         (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
     }
@@ -266,7 +323,12 @@ pub fn svg(p: &Plot, path: &Path) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     for (i, s) in p.series.iter().enumerate() {
         let c = color(i);
-        let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+        let pts: Vec<(f64, f64)> = s
+            .points
+            .iter()
+            .copied()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .collect();
         let line: Vec<(f64, f64)> = if p.kind == "cdf" {
             // a step function
             let mut v = Vec::new();
@@ -286,14 +348,20 @@ pub fn svg(p: &Plot, path: &Path) -> Result<(), String> {
             .label(&s.name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2)));
         if p.kind != "cdf" && pts.len() < 40 {
-            chart.draw_series(pts.iter().map(|pt| Circle::new(*pt, 3, c.filled()))).map_err(|e| e.to_string())?;
+            chart
+                .draw_series(pts.iter().map(|pt| Circle::new(*pt, 3, c.filled())))
+                .map_err(|e| e.to_string())?;
         }
     }
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
-        .position(if p.kind == "cdf" { SeriesLabelPosition::LowerRight } else { SeriesLabelPosition::UpperLeft })
+        .position(if p.kind == "cdf" {
+            SeriesLabelPosition::LowerRight
+        } else {
+            SeriesLabelPosition::UpperLeft
+        })
         .draw()
         .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())
