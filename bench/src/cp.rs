@@ -38,8 +38,9 @@ fn node_doc(name: &str) -> NodeInfo {
         host: name.into(),
         ip: "127.0.0.1".into(),
         port: "3000".into(),
-        vcpus: 4,
-        memory: 3800,
+        // the probe worker takes every scheduling probe (`direct`): room for all of them
+        vcpus: if name == PROBE_NODE { 256 } else { 4 },
+        memory: if name == PROBE_NODE { 262_144 } else { 3800 },
         cpu_percent: 3.5,
         memory_percent: 21.0,
         architecture: "amd64".into(),
