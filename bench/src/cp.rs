@@ -52,7 +52,8 @@ fn node_doc(name: &str) -> NodeInfo {
     }
 }
 
-/// The `information` report as the worker sends it (dynamic fields, static scalars kept).
+/// The `information` report as the worker sends it (dynamic fields, static scalars kept);
+/// `name` is the node name it registered with (its capacity comes from it).
 fn information(name: &str) -> String {
     let mut n = node_doc(name);
     n.machine_id = None;
@@ -130,6 +131,7 @@ fn mqtt_opts(client_id: &str, port: u16) -> MqttOptions {
 /// answers them with RUNNING and lists them in `jobs/resources`. Deploy arrivals go to `seen`.
 fn sim_worker(
     id: String,
+    name: String,
     port: u16,
     interval: Duration,
     phase: Duration,
@@ -146,7 +148,7 @@ fn sim_worker(
     }
     tokio::spawn(async move {
         tokio::time::sleep(phase).await;
-        let info = information(&id);
+        let info = information(&name);
         let mut tick = tokio::time::interval(interval);
         while !sh.stop.load(Ordering::Relaxed) {
             tick.tick().await;
@@ -392,7 +394,7 @@ fn simulate(pid: u32, mqtt: u16, api: Option<u16>, n: usize, o: &Opts) -> Result
                 let count = mine.len().max(1) as u32;
                 for (i, id) in mine.into_iter().enumerate() {
                     let phase = interval * (i as u32) / count;
-                    sim_worker(id, mqtt, interval, phase, sh.clone(), None);
+                    sim_worker(id.clone(), id, mqtt, interval, phase, sh.clone(), None);
                     // ~1000 connections/s per thread: a burst of 10,000 SYNs overflows backlogs
                     if i % 8 == 7 {
                         tokio::time::sleep(Duration::from_millis(8)).await;
@@ -419,6 +421,7 @@ fn simulate(pid: u32, mqtt: u16, api: Option<u16>, n: usize, o: &Opts) -> Result
                 match &probe_id {
                     Some(p) => sim_worker(
                         p.clone(),
+                        PROBE_NODE.into(),
                         mqtt,
                         interval,
                         Duration::ZERO,
@@ -512,8 +515,30 @@ fn simulate(pid: u32, mqtt: u16, api: Option<u16>, n: usize, o: &Opts) -> Result
         }
     }
     if !sent.is_empty() {
+        // say why, from the cluster's own view of one of them
+        let why = api
+            .and_then(|api| {
+                ureq::get(&format!("http://127.0.0.1:{api}/api/cluster/status"))
+                    .call()
+                    .ok()
+            })
+            .and_then(|r| r.into_json::<serde_json::Value>().ok())
+            .and_then(|st| {
+                st["instances"]
+                    .as_array()?
+                    .iter()
+                    .find(|i| i["job_name"].as_str().is_some_and(|j| sent.contains_key(j)))
+                    .map(|i| {
+                        format!(
+                            "{} {}",
+                            i["status"].as_str().unwrap_or("?"),
+                            i["status_detail"].as_str().unwrap_or("")
+                        )
+                    })
+            })
+            .unwrap_or_default();
         notes.push_str(&format!(
-            "; {} deploys never reached the worker in the window",
+            "; {} deploys did not reach the worker in the window ({why})",
             sent.len()
         ));
     }
