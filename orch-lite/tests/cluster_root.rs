@@ -74,7 +74,8 @@ fn cluster_registers_pushes_and_reports_to_root() {
         &[
             ("OAK_ROOT_URL", &format!("http://{}", server.addr)),
             ("OAK_JOIN_TOKEN", TOKEN),
-            ("OAK_CLUSTER_REPORT_INTERVAL_MS", "700"),
+            // Long enough that every report below comes from a change in capacity.
+            ("OAK_CLUSTER_REPORT_INTERVAL_MS", "60000"),
             ("OAK_ADVERTISE_ADDR", "192.0.2.7"),
         ],
     );
@@ -98,6 +99,18 @@ fn cluster_registers_pushes_and_reports_to_root() {
     let (_, b) = orch.register(&node_doc("w1", "m1", 4, 4000, Some(TOKEN)));
     let id = b["id"].as_str().unwrap().to_string();
     let w = SimWorker::connect(&id, orch.mqtt, 4, 4000);
+    // A worker joining is reported at once, so a deploy right after it is not refused for
+    // lack of capacity while the root waits for the next periodic report.
+    let report_path = format!("/api/information/{CID}");
+    wait_for(
+        "capacity report after the worker joined",
+        Duration::from_secs(3),
+        || {
+            root.calls_to(&report_path)
+                .iter()
+                .any(|(_, v)| v["active_nodes"] == 1 && v["vcpus"] == 4)
+        },
+    );
     assert_eq!(
         orch.deploy("job9", 0, &job_doc("app.ns.api.ns"), Some(TOKEN)),
         200
@@ -120,12 +133,15 @@ fn cluster_registers_pushes_and_reports_to_root() {
         id.as_str()
     );
 
-    // The periodic report aggregates the active worker and lists the job.
-    let report_path = format!("/api/information/{CID}");
+    // The report aggregates the active workers and lists the job (a second worker joining
+    // triggers it).
+    let (_, b2) = orch.register(&node_doc("w2", "m2", 2, 2000, Some(TOKEN)));
+    let w2 = SimWorker::connect(b2["id"].as_str().unwrap(), orch.mqtt, 2, 2000);
     wait_for("aggregated report", Duration::from_secs(5), || {
         root.calls_to(&report_path).iter().any(|(_, v)| {
-            v["active_nodes"] == 1 && v["vcpus"] == 4 && v["jobs"][0]["status"] == "RUNNING"
+            v["active_nodes"] == 2 && v["vcpus"] == 6 && v["jobs"][0]["status"] == "RUNNING"
         })
     });
+    drop(w2);
     drop(w);
 }

@@ -23,6 +23,9 @@ pub enum RootMsg {
 /// Bound of the channel: beyond it pushes are dropped (the periodic report carries them anyway).
 pub const QUEUE: usize = 256;
 
+/// How often the number of active workers is compared with the last report's.
+const CAPACITY_CHECK: Duration = Duration::from_secs(1);
+
 struct Root {
     base: String,
     token: Option<String>,
@@ -76,6 +79,7 @@ pub fn run(sh: Arc<Shared>, base: String, rx: Receiver<RootMsg>) {
     let mut cluster_id: Option<String> = None;
     let mut backoff = Duration::from_millis(500);
     let mut next_report = Instant::now();
+    let mut reported_active: Option<usize> = None;
     loop {
         if cluster_id.is_none() {
             match register(&sh, &root) {
@@ -108,7 +112,12 @@ pub fn run(sh: Arc<Shared>, base: String, rx: Receiver<RootMsg>) {
         let Some(cid) = cluster_id.clone() else {
             continue;
         };
-        let wait = next_report.saturating_duration_since(Instant::now());
+        // Wake at least every second: when a worker joins or goes silent, the root hears of the
+        // new capacity at once instead of after up to a whole report interval, so a deploy
+        // right after a worker joins is not refused for lack of capacity.
+        let wait = next_report
+            .saturating_duration_since(Instant::now())
+            .min(CAPACITY_CHECK);
         let result = match rx.recv_timeout(wait) {
             Ok(RootMsg::Jobs(mut jobs)) => {
                 // Coalesce a burst of changes (a worker failing takes several instances along).
@@ -134,9 +143,21 @@ pub fn run(sh: Arc<Shared>, base: String, rx: Receiver<RootMsg>) {
                 Ok(Value::Null)
             }
             Err(RecvTimeoutError::Timeout) => {
-                next_report = Instant::now() + interval;
-                let report = sh.lock().report(now_ms());
-                root.call("POST", &format!("/api/information/{cid}"), Some(&report))
+                let now = now_ms();
+                let (active, report) = {
+                    let st = sh.lock();
+                    let active = st.active_nodes(now);
+                    let due = Instant::now() >= next_report || Some(active) != reported_active;
+                    (active, due.then(|| st.report(now)))
+                };
+                match report {
+                    Some(report) => {
+                        next_report = Instant::now() + interval;
+                        reported_active = Some(active);
+                        root.call("POST", &format!("/api/information/{cid}"), Some(&report))
+                    }
+                    None => continue,
+                }
             }
             Err(RecvTimeoutError::Disconnected) => return,
         };

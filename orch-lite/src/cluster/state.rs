@@ -753,6 +753,11 @@ impl ClusterState {
 
     /// The periodic report to the root (`POST /api/information/<cid>`, §4.3): aggregates over
     /// active workers, per architecture, and every job.
+    /// Workers currently counted active (reported within the silence timeout).
+    pub fn active_nodes(&self, now: u64) -> usize {
+        self.nodes.values().filter(|n| self.active(n, now)).count()
+    }
+
     pub fn report(&self, now: u64) -> Value {
         let active: Vec<&Node> = self
             .nodes
