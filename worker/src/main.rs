@@ -8,7 +8,7 @@ use std::time::Duration;
 use worker::cli::{self, Command, ConfigCommand};
 use worker::config::{ConfFile, NetworkMode, Overrides, Paths, Settings};
 use worker::telemetry::Telemetry;
-use worker::{config_edit, control, runtime_link, session, status};
+use worker::{config_edit, control, overlay, runtime_link, session, status};
 
 fn env(key: &str) -> Option<String> {
     std::env::var(key).ok()
@@ -105,12 +105,22 @@ fn run_foreground(paths: &Paths, cli: &Overrides) -> Result<(), String> {
     if let Some(e) = session::Config::unsupported(&settings) {
         return Err(e);
     }
-    if settings.network != NetworkMode::Off {
-        log::warn!(
-            "network mode {} requested, but the overlay is not part of this build yet (issue #5): instances get loopback only",
-            settings.network
-        );
-    }
+    // The overlay opens its TUN and tunnel port now, so a port clash fails the start, not the
+    // first deploy. It talks to the cluster once registration gives the node id.
+    let overlay = match &settings.network {
+        NetworkMode::Auto => {
+            let ocfg = overlay::OverlayConfig::from_settings(&settings)?;
+            Some(overlay::Overlay::start(ocfg)?)
+        }
+        NetworkMode::Manual(sock) => {
+            log::warn!(
+                "network manual ({}): using an external NetManager from NodeEngine is not part of this build yet; instances get loopback only",
+                sock.display()
+            );
+            None
+        }
+        NetworkMode::Off => None,
+    };
     write_pid_file(&settings.state_dir);
     let telemetry = Telemetry::new(
         &settings.node_name,
@@ -122,11 +132,33 @@ fn run_foreground(paths: &Paths, cli: &Overrides) -> Result<(), String> {
     let cfg = session::Config::from_settings(&settings, env("MY_PORT"));
     let ex = async_executor::LocalExecutor::new();
     let (session_side, runtime_side) = runtime_link::link(cfg.runtime_capacity);
+    let (overlay, overlay_link) = match overlay {
+        Some((o, link, task)) => {
+            ex.spawn(task).detach();
+            (Some(o), Some(link))
+        }
+        None => (None, None),
+    };
+    // What the container runtime gets as its `Network` seam (Runtime::start).
+    let _network: std::rc::Rc<dyn worker::runtime::Network> = match &overlay {
+        Some(o) => std::rc::Rc::new(o.clone()),
+        None => std::rc::Rc::new(worker::runtime::NoNetwork),
+    };
     // The containerd runtime plugs in here (issue #4); until then every deploy fails clearly.
     log::warn!("no container runtime in this build: every deploy will be answered FAILED");
     ex.spawn(runtime_link::no_runtime(runtime_side)).detach();
     let stop = shutdown_signal().map_err(|e| format!("cannot install the SIGTERM handler: {e}"))?;
-    async_io::block_on(ex.run(session::run(cfg, session_side, telemetry, &ex, stop)));
+    async_io::block_on(ex.run(session::run_with_overlay(
+        cfg,
+        session_side,
+        telemetry,
+        &ex,
+        stop,
+        overlay_link,
+    )));
+    if let Some(o) = overlay {
+        o.shutdown();
+    }
     let _ = std::fs::remove_file(control::pid_file(&settings.state_dir));
     Ok(())
 }
