@@ -55,8 +55,10 @@ impl OverlayConfig {
                 format!("OAK_PUBLIC_ADDRESS {a:?} is not an IPv4 address (the tunnel is IPv4)")
             })?),
         };
-        let mut dataplane = DataplaneConfig::default();
-        dataplane.listen = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, st.tunnel_port);
+        let dataplane = DataplaneConfig {
+            listen: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, st.tunnel_port),
+            ..DataplaneConfig::default()
+        };
         Ok(OverlayConfig {
             dataplane,
             plumbing: PlumbingConfig::default(),
@@ -400,19 +402,17 @@ impl Inner {
                     return;
                 }
                 log::info!("overlay: talking to the cluster as node {node_id}");
-                let mut s = Session::new(
+                // The conversation starts at the next Connected (the session starts a client
+                // for a new id): asking now as well would make the root allocate two subnets.
+                // With a new id while running, the subnet is kept; the new session's answer is
+                // ignored if it differs (a bridge with instances on it cannot move).
+                self.session = Some(Session::new(
                     &node_id,
                     self.cfg.dataplane.proxy.service_net,
                     self.cfg.dataplane.proxy.service_prefix,
                     self.cfg.max_subscriptions,
-                );
-                // Already running (a new node id after re-registration): keep the subnet; the
-                // new session still asks, and its answer is ignored if it differs (a bridge
-                // with instances on it cannot move).
-                let out = s.on_connect(now);
-                self.session = Some(s);
+                ));
                 self.node = Some(node_id);
-                self.apply(out);
             }
             ToOverlay::Connected => {
                 let out = match self.session.as_mut() {

@@ -55,10 +55,10 @@ pub fn create(dir: &Path, name: &str) -> io::Result<PathBuf> {
             // SAFETY: unshare with a constant flag; it changes only this thread (network
             // namespaces are per thread), which ends right after.
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::Other,
-                    format!("unshare(CLONE_NEWNET): {}", io::Error::last_os_error()),
-                ));
+                return Err(io::Error::other(format!(
+                    "unshare(CLONE_NEWNET): {}",
+                    io::Error::last_os_error()
+                )));
             }
             // SAFETY: gettid has no preconditions.
             let tid = unsafe { libc::gettid() };
