@@ -163,6 +163,31 @@ fn run_foreground(paths: &Paths, cli: &Overrides) -> Result<(), String> {
     Ok(())
 }
 
+/// `NetManager` (multi-call): the overlay alone behind upstream's local API, for workers in
+/// `network manual` mode (or a stock NodeEngine).
+fn run_netmanager(paths: &Paths) -> Result<(), String> {
+    let settings = load_settings(paths, &Overrides::default())?;
+    let netcfg = netstack::config::NetCfg::load(&paths.netcfg).map_err(|e| e.to_string())?;
+    let socket = match &settings.network {
+        NetworkMode::Manual(s) => s.clone(),
+        _ => worker::config::DEFAULT_NETMANAGER_SOCKET.into(),
+    };
+    let mcfg = overlay::api::ManualConfig {
+        socket,
+        cluster_url: netcfg.cluster_url.trim().to_string(),
+        mqtt_port: netcfg
+            .cluster_mqtt_port
+            .trim()
+            .parse()
+            .unwrap_or(netstack::config::DEFAULT_MQTT_PORT),
+        register_wait: Duration::from_secs(9),
+    };
+    let ocfg = overlay::OverlayConfig::from_settings(&settings)?;
+    let stop = shutdown_signal().map_err(|e| format!("cannot install the SIGTERM handler: {e}"))?;
+    let ex = async_executor::LocalExecutor::new();
+    async_io::block_on(ex.run(overlay::api::run(&ex, ocfg, mcfg, stop)))
+}
+
 /// Write end of the self-pipe the signal handler pokes (-1 until installed).
 static SIGNAL_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
@@ -267,9 +292,7 @@ fn main() -> ExitCode {
                 run_foreground(&paths, &cli)
             }
         }
-        Command::NetManager => {
-            Err("the standalone NetManager is not implemented yet (issue #5)".into())
-        }
+        Command::NetManager => run_netmanager(&paths),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -23,9 +23,6 @@ use worker::protocol::{InstanceResources, Status};
 use worker::runtime::Network;
 use worker::runtime_link::{self, Command as RtCommand, Event as RtEvent, StatusChange};
 
-const HUB: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
-const WA: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 11);
-const WB: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 12);
 const RR: &str = "10.30.30.30";
 const PASSWORD: &str = "overlay-test";
 const CLIENT_JOB: &str = "ovl.test.client.test";
@@ -47,33 +44,6 @@ fn sla() -> String {
         "application_name":"ovl","application_namespace":"test","application_desc":"overlay test",
         "microservices":[ms("client", "wa", None), ms("server", "wb", Some(RR))]}]})
     .to_string()
-}
-
-/// The orchestrator in the hub namespace; killed on drop.
-struct Orch {
-    child: std::process::Child,
-    _data: TempDir,
-}
-
-impl Drop for Orch {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("oak-ovl-{name}-{}", suffix()));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A worker: the session + overlay on a thread inside its namespace.
@@ -240,53 +210,18 @@ fn two_workers_reach_a_service_ip_through_the_cluster() {
     let _ = env_logger::builder().is_test(true).try_init();
     let sfx = suffix();
     let mut topo = Topology::default();
-    let hub = topo.netns(&format!("oakhub-{sfx}"));
     let wa = topo.netns(&format!("oakwa-{sfx}"));
     let wb = topo.netns(&format!("oakwb-{sfx}"));
+    let hub = hub(&mut topo, &sfx, &[(&wa, WA), (&wb, WB)]);
     let client_id = format!("{CLIENT_JOB}.instance.0");
     let server_id = format!("{SERVER_JOB}.instance.0");
     let _sweep = NetnsSweep(vec![client_id.clone(), server_id.clone()]);
-    topo.ip(&hub, &["link", "add", "br0", "type", "bridge"]);
-    topo.ip(&hub, &["addr", "add", &format!("{HUB}/24"), "dev", "br0"]);
-    topo.ip(&hub, &["link", "set", "br0", "up"]);
-    for (ns, ip, n) in [(&wa, WA, "a"), (&wb, WB, "b")] {
-        let (h, w) = (format!("oh{n}-{sfx}"), format!("ow{n}-{sfx}"));
-        topo.veth(&h, &hub, &w, ns);
-        topo.ip(&hub, &["link", "set", &h, "master", "br0", "up"]);
-        topo.ip(ns, &["addr", "add", &format!("{ip}/24"), "dev", &w]);
-        topo.ip(ns, &["link", "set", &w, "up"]);
-    }
     let before_a = topo.ip(&wa, &["-o", "link", "show"]);
 
     // orch-lite all in the hub (its own ports there, so the host's stay free)
-    let data = TempDir::new("orch");
-    let child = std::process::Command::new("ip")
-        .args(["netns", "exec", &hub])
-        .arg(orch_lite_bin())
-        .arg("all")
-        .env("OAK_DATA_DIR", &data.0)
-        .env("OAK_ADMIN_PASSWORD", PASSWORD)
-        .env("OAK_ADVERTISE_ADDR", HUB.to_string())
-        .env("OAK_CLUSTER_NAME", "ovl")
-        .env("OAK_CLUSTER_REPORT_INTERVAL_MS", "500")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .expect("start orch-lite");
-    let _orch = Orch { child, _data: data };
+    let _orch = Orch::start(&hub, HUB, PASSWORD);
     let root = SocketAddr::from((HUB, 10000));
-    let token = wait_for(Duration::from_secs(20), || {
-        let (c, v) = http(
-            &hub,
-            root,
-            "POST",
-            "/api/auth/login",
-            None,
-            Some(json!({"username":"Admin","password":PASSWORD}).to_string()),
-        );
-        (c == 200).then(|| v["token"].as_str().map(str::to_string))?
-    })
-    .expect("orch-lite root answers");
+    let token = login(&hub, root, PASSWORD);
 
     let www = TempDir::new("www");
     std::fs::write(www.0.join("index.html"), "served by B\n").unwrap();

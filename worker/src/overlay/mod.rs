@@ -5,6 +5,7 @@
 //! on detach and on shutdown. It does not own an MQTT connection: a cluster session (`auto`)
 //! or the local API's own client ([`api`], `manual`) carries its messages.
 
+pub mod api;
 pub mod netns;
 
 use std::cell::RefCell;

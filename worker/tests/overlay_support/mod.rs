@@ -218,3 +218,86 @@ pub fn orch_lite_bin() -> PathBuf {
     }
     bin
 }
+
+pub const HUB: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 168, 77, 1);
+pub const WA: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 168, 77, 11);
+pub const WB: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 168, 77, 12);
+
+pub struct TempDir(pub PathBuf);
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("oak-ovl-{name}-{}", suffix()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `orch-lite all` in namespace `ns` (default ports there), killed on drop.
+pub struct Orch {
+    child: std::process::Child,
+    _data: TempDir,
+}
+
+impl Orch {
+    pub fn start(ns: &str, advertise: std::net::Ipv4Addr, password: &str) -> Orch {
+        let data = TempDir::new("orch");
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(orch_lite_bin())
+            .arg("all")
+            .env("OAK_DATA_DIR", &data.0)
+            .env("OAK_ADMIN_PASSWORD", password)
+            .env("OAK_ADVERTISE_ADDR", advertise.to_string())
+            .env("OAK_CLUSTER_NAME", "ovl")
+            .env("OAK_CLUSTER_REPORT_INTERVAL_MS", "500")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start orch-lite");
+        Orch { child, _data: data }
+    }
+}
+
+impl Drop for Orch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Logs in as Admin once the root answers; the token.
+pub fn login(ns: &str, root: SocketAddr, password: &str) -> String {
+    wait_for(Duration::from_secs(20), || {
+        let (c, v) = http(
+            ns,
+            root,
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(serde_json::json!({"username":"Admin","password":password}).to_string()),
+        );
+        (c == 200).then(|| v["token"].as_str().map(str::to_string))?
+    })
+    .expect("orch-lite root answers")
+}
+
+/// A hub namespace with bridge `br0` at [`HUB`]/24 and one veth per worker namespace.
+pub fn hub(topo: &mut Topology, sfx: &str, workers: &[(&str, std::net::Ipv4Addr)]) -> String {
+    let hub = topo.netns(&format!("oakhub-{sfx}"));
+    topo.ip(&hub, &["link", "add", "br0", "type", "bridge"]);
+    topo.ip(&hub, &["addr", "add", &format!("{HUB}/24"), "dev", "br0"]);
+    topo.ip(&hub, &["link", "set", "br0", "up"]);
+    for (i, (ns, ip)) in workers.iter().enumerate() {
+        let (h, w) = (format!("oh{i}-{sfx}"), format!("ow{i}-{sfx}"));
+        topo.veth(&h, &hub, &w, ns);
+        topo.ip(&hub, &["link", "set", &h, "master", "br0", "up"]);
+        topo.ip(ns, &["addr", "add", &format!("{ip}/24"), "dev", &w]);
+        topo.ip(ns, &["link", "set", &w, "up"]);
+    }
+    hub
+}
