@@ -21,6 +21,8 @@ step "dependencies" bash scripts/setup-deps.sh
 step "format" cargo fmt --all -- --check
 step "lint" cargo clippy --workspace --all-targets --locked -- -D warnings
 # Integration tests start daemons; a hung one must fail the run, not eat CI's budget.
-step "tests" timeout 45m cargo test --workspace --locked
+step "tests" timeout 45m cargo test --workspace --locked --no-fail-fast
+# The benchmarks are not part of the tests, but their smoke mode is, so the suite cannot rot.
+step "benchmark smoke" timeout 15m bash scripts/bench.sh --smoke
 [ ! -f scripts/test-release.sh ] || step "release archives (cross, qemu, install.sh)" timeout 20m bash scripts/test-release.sh
 echo "all tests passed in $SECONDS s"

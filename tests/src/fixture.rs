@@ -126,12 +126,17 @@ impl Fixture {
         c
     }
 
-    /// Environment a worker under test needs to use this fixture (socket, insecure registry).
+    /// Environment a worker under test needs to use this fixture (socket, insecure registry,
+    /// and the snapshotter that works under the fixture's directory).
     pub fn worker_env(&self) -> Vec<(String, String)> {
-        ["OAK_CONTAINERD_SOCKET", "OAK_INSECURE_REGISTRIES"]
-            .iter()
-            .filter_map(|k| self.env.get(*k).map(|v| (k.to_string(), v.clone())))
-            .collect()
+        [
+            "OAK_CONTAINERD_SOCKET",
+            "OAK_INSECURE_REGISTRIES",
+            "OAK_CONTAINERD_SNAPSHOTTER",
+        ]
+        .iter()
+        .filter_map(|k| self.env.get(*k).map(|v| (k.to_string(), v.clone())))
+        .collect()
     }
 
     /// Tears down now and reports what went wrong (drop does the same but can only print).

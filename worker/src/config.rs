@@ -278,6 +278,8 @@ pub struct Settings {
     pub mqtt_cert: Option<PathBuf>,
     pub mqtt_key: Option<PathBuf>,
     pub mqtt_ca: Option<PathBuf>,
+    /// Extra CA for the HTTPS registration (`cluster_ssl`); `mqtt_ca` serves when unset.
+    pub cluster_ca: Option<PathBuf>,
     pub tunnel_port: u16,
     pub public_address: Option<String>,
     /// Never printed: `config show` and `/status` must not leak it.
@@ -393,6 +395,7 @@ impl Settings {
                 .map(PathBuf::from)
                 .or_else(|| nonempty(&conf.mqtt_key_file)),
             mqtt_ca: env("OAK_MQTT_CA").map(PathBuf::from),
+            cluster_ca: env("OAK_CLUSTER_CA").map(PathBuf::from),
             tunnel_port,
             public_address,
             join_token: env("OAK_JOIN_TOKEN"),

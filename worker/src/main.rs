@@ -8,7 +8,9 @@ use std::time::Duration;
 use worker::cli::{self, Command, ConfigCommand};
 use worker::config::{ConfFile, NetworkMode, Overrides, Paths, Settings};
 use worker::telemetry::Telemetry;
-use worker::{config_edit, control, overlay, runtime_link, session, status};
+use worker::{
+    config_edit, control, image, overlay, runtime, runtime_adapter, runtime_link, session, status,
+};
 
 fn env(key: &str) -> Option<String> {
     std::env::var(key).ok()
@@ -102,9 +104,8 @@ fn run_foreground(paths: &Paths, cli: &Overrides) -> Result<(), String> {
         settings.cluster_port,
         settings.network
     );
-    if let Some(e) = session::Config::unsupported(&settings) {
-        return Err(e);
-    }
+    let cfg =
+        session::Config::from_settings(&settings, env("MY_PORT")).map_err(|e| e.to_string())?;
     // The overlay opens its TUN and tunnel port now, so a port clash fails the start, not the
     // first deploy. It talks to the cluster once registration gives the node id.
     let overlay = match &settings.network {
@@ -129,7 +130,6 @@ fn run_foreground(paths: &Paths, cli: &Overrides) -> Result<(), String> {
     let _status =
         status::serve(settings.status_addr, telemetry.clone()).map_err(|e| e.to_string())?;
     log::info!("status endpoint on http://{}/status", settings.status_addr);
-    let cfg = session::Config::from_settings(&settings, env("MY_PORT"));
     let ex = async_executor::LocalExecutor::new();
     let (session_side, runtime_side) = runtime_link::link(cfg.runtime_capacity);
     let (overlay, overlay_link) = match overlay {
@@ -139,14 +139,22 @@ fn run_foreground(paths: &Paths, cli: &Overrides) -> Result<(), String> {
         }
         None => (None, None),
     };
-    // What the container runtime gets as its `Network` seam (Runtime::start).
-    let _network: std::rc::Rc<dyn worker::runtime::Network> = match &overlay {
+    // The overlay is the runtime's Network seam: a named netns per instance, joined at create.
+    let network: std::rc::Rc<dyn runtime::Network> = match &overlay {
         Some(o) => std::rc::Rc::new(o.clone()),
-        None => std::rc::Rc::new(worker::runtime::NoNetwork),
+        None => std::rc::Rc::new(runtime::NoNetwork),
     };
-    // The containerd runtime plugs in here (issue #4); until then every deploy fails clearly.
-    log::warn!("no container runtime in this build: every deploy will be answered FAILED");
-    ex.spawn(runtime_link::no_runtime(runtime_side)).detach();
+    let pull = image::PullConfig::from_env(settings.insecure_registries.clone());
+    let rt_cfg = runtime_adapter::runtime_config(&settings, &pull);
+    let puller = runtime_adapter::RegistryPuller::new(&rt_cfg, pull, telemetry.images.clone());
+    ex.spawn(runtime_adapter::run(
+        runtime_side,
+        runtime_adapter::Config::new(rt_cfg),
+        std::rc::Rc::new(puller),
+        network,
+        telemetry.clone(),
+    ))
+    .detach();
     let stop = shutdown_signal().map_err(|e| format!("cannot install the SIGTERM handler: {e}"))?;
     async_io::block_on(ex.run(session::run_with_overlay(
         cfg,

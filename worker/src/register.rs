@@ -1,6 +1,7 @@
 //! Registration with the cluster orchestrator: `POST /api/node/register` with the node document
 //! over a minimal HTTP/1.1 client, and the answer's `id` and `MQTT_BROKER_PORT` (spec §2).
-//! Retrying is the caller's business (see `session`); HTTPS (`cluster_ssl`) is not supported yet.
+//! HTTPS (`cluster_ssl`) goes through [`crate::tls`]; retrying is the caller's business (see
+//! `session`). One request per connection, no redirects, no client certificate (as upstream).
 
 use std::fmt;
 use std::io;
@@ -8,8 +9,8 @@ use std::time::Duration;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
-use crate::netio;
 use crate::protocol::{self, NodeInfo, RegisterAnswer};
+use crate::{netio, tls};
 
 /// Head and body bounds: the answer is a few dozen bytes; anything near these is not a cluster.
 pub const MAX_HEAD: usize = 16 << 10;
@@ -23,8 +24,9 @@ pub struct Registration {
 
 #[derive(Debug)]
 pub enum RegisterError {
-    HttpsUnsupported,
     Connect(String, io::Error),
+    /// Already explained by [`tls::Connector::explain`].
+    Tls(String, io::Error),
     Io(String, io::Error),
     Http(String, HttpError),
     Status {
@@ -41,12 +43,8 @@ pub enum RegisterError {
 impl fmt::Display for RegisterError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RegisterError::HttpsUnsupported => f.write_str(
-                "cluster_ssl is set but this worker cannot register over HTTPS yet; \
-                 turn it off with `NodeEngine config cluster <address>` (or put the plain-HTTP port behind a trusted network)",
-            ),
             RegisterError::Connect(url, e) => write!(f, "cannot reach the cluster at {url}: {e}; is the cluster orchestrator running and OAK_CLUSTER_ADDRESS/PORT right?"),
-            RegisterError::Io(url, e) => write!(f, "{url}: {e}"),
+            RegisterError::Tls(url, e) | RegisterError::Io(url, e) => write!(f, "{url}: {e}"),
             RegisterError::Http(url, e) => write!(f, "{url} answered with broken HTTP: {e}"),
             RegisterError::Status { url, status, body } => {
                 write!(f, "{url} answered HTTP {status}: {body}")?;
@@ -62,31 +60,37 @@ impl fmt::Display for RegisterError {
 
 impl std::error::Error for RegisterError {}
 
-/// Posts `node` to the cluster and validates the answer. `limit` bounds the whole exchange.
+/// Posts `node` to the cluster and validates the answer, over HTTPS when `tls` is given.
+/// `limit` bounds the connect, the handshake and the exchange, each.
 pub async fn register(
     host: &str,
     port: u16,
-    ssl: bool,
+    tls: Option<&tls::Connector>,
     node: &NodeInfo,
     limit: Duration,
 ) -> Result<Registration, RegisterError> {
-    if ssl {
-        return Err(RegisterError::HttpsUnsupported);
-    }
     let authority = if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]:{port}")
     } else {
         format!("{host}:{port}")
     };
-    let url = format!("http://{authority}{}", protocol::REGISTER_PATH);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{authority}{}", protocol::REGISTER_PATH);
     let body = serde_json::to_vec(node).map_err(|e| RegisterError::Answer {
         url: url.clone(),
         why: format!("cannot encode the node document: {e}"),
     })?;
     let request = build_post(&authority, protocol::REGISTER_PATH, &body);
-    let mut stream = netio::connect(host, port, limit)
+    let tcp = netio::connect(host, port, limit)
         .await
         .map_err(|e| RegisterError::Connect(url.clone(), e))?;
+    let mut stream = match tls {
+        Some(c) => c
+            .handshake(tcp, host, limit)
+            .await
+            .map_err(|e| RegisterError::Tls(url.clone(), e))?,
+        None => tls::Stream::Plain(tcp),
+    };
     let response = netio::timeout(limit, "registration", async {
         stream.write_all(&request).await?;
         stream.flush().await?;
@@ -103,7 +107,11 @@ pub async fn register(
         }
     })
     .await
-    .map_err(|e| RegisterError::Io(url.clone(), e))?
+    .map_err(|e| match tls {
+        // A TLS 1.3 server refuses a client certificate after the handshake, on our first read.
+        Some(c) => RegisterError::Tls(url.clone(), c.explain(host, &e)),
+        None => RegisterError::Io(url.clone(), e),
+    })?
     .map_err(|e| RegisterError::Http(url.clone(), e))?;
     answer(&url, &response)
 }

@@ -1,7 +1,8 @@
 //! The boundary between the cluster session and whatever runs instances (the containerd runtime,
-//! plugged in later): two bounded channels. The session sends deploy, delete and sample commands
-//! without ever waiting; the runtime answers with instance status changes and resource samples.
-//! [`no_runtime`] stands in until a runtime is configured: it fails every deploy.
+//! served by `runtime_adapter`): two bounded channels. The session sends deploy, delete and
+//! sample commands without ever waiting; the runtime answers with instance status changes and
+//! resource samples.
+//! [`no_runtime`] stands in where no runtime is wanted (session tests): it fails every deploy.
 
 use async_channel::{Receiver, Sender};
 

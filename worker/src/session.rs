@@ -1,4 +1,4 @@
-//! The worker's cluster session: registers over HTTP (retrying with backoff), keeps the MQTT
+//! The worker's cluster session: registers over HTTP(S) (retrying with backoff), keeps the MQTT
 //! client on the cluster's broker, publishes `information` and `jobs/resources` every report
 //! interval and each instance status change on `job`, and hands deploy/delete commands to the
 //! runtime boundary. It re-registers after every broker reconnect and on `control/error`
@@ -6,6 +6,7 @@
 //! the same connection through `overlay::SessionLink`. It does not run instances and does not
 //! wait on the runtime.
 
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -25,12 +26,16 @@ use crate::register::{self, Registration};
 use crate::runtime_link::{self, StatusChange};
 use crate::sysinfo::{self, cgroup, Host, Sampler};
 use crate::telemetry::{self, Broker, Telemetry};
+use crate::tls;
 
 #[derive(Debug, Clone)]
 pub struct Config {
     pub cluster_address: String,
     pub cluster_port: u16,
-    pub cluster_ssl: bool,
+    /// HTTPS registration (`cluster_ssl`): how the cluster's certificate is verified.
+    pub register_tls: Option<tls::Connector>,
+    /// MQTTS: set when a client certificate or `OAK_MQTT_CA` is configured.
+    pub mqtt_tls: Option<tls::Connector>,
     /// `host` in the node document: the cluster's registration key.
     pub node_name: String,
     /// `port` in the node document, a string as upstream sends it (`MY_PORT`, default "3000").
@@ -59,7 +64,8 @@ impl Config {
         Config {
             cluster_address: cluster_address.into(),
             cluster_port,
-            cluster_ssl: false,
+            register_tls: None,
+            mqtt_tls: None,
             node_name: node_name.into(),
             node_port: "3000".into(),
             public_address: None,
@@ -82,10 +88,13 @@ impl Config {
 
 impl Config {
     /// The session's settings from the worker's resolved configuration; `my_port` is upstream's
-    /// `MY_PORT` environment variable.
-    pub fn from_settings(st: &crate::config::Settings, my_port: Option<String>) -> Config {
+    /// `MY_PORT` environment variable. Reads the TLS files, so a bad certificate, key or CA
+    /// stops the worker at start with the setting to fix instead of failing every reconnect.
+    pub fn from_settings(
+        st: &crate::config::Settings,
+        my_port: Option<String>,
+    ) -> Result<Config, tls::TlsError> {
         let mut c = Config::new(&st.cluster_address, st.cluster_port, &st.node_name);
-        c.cluster_ssl = st.cluster_ssl;
         c.node_port = my_port
             .filter(|p| !p.trim().is_empty())
             .unwrap_or_else(|| "3000".into());
@@ -98,18 +107,35 @@ impl Config {
         if let crate::config::NetworkMode::Manual(sock) = &st.network {
             c.overlay_socket = sock.display().to_string();
         }
-        c
-    }
-
-    /// What this build cannot do yet, as an operator-facing error, before anything starts.
-    pub fn unsupported(st: &crate::config::Settings) -> Option<String> {
-        if st.mqtt_cert.is_some() || st.mqtt_key.is_some() || st.mqtt_ca.is_some() {
-            return Some("MQTT over TLS (OAK_MQTT_CERT/OAK_MQTT_KEY/OAK_MQTT_CA, `config auth`) is not supported by this build yet; unset them or use a plain-TCP broker listener".into());
+        fn setting<'a>(name: &'static str, path: &'a Option<PathBuf>) -> Option<tls::Setting<'a>> {
+            path.as_deref().map(|path| tls::Setting { name, path })
+        }
+        let mqtt_ca = setting("OAK_MQTT_CA", &st.mqtt_ca);
+        let identity = tls::Identity::load(
+            setting("OAK_MQTT_CERT", &st.mqtt_cert),
+            setting("OAK_MQTT_KEY", &st.mqtt_key),
+        )?;
+        if identity.is_some() || mqtt_ca.is_some() {
+            c.mqtt_tls = Some(tls::Connector::new(
+                mqtt_ca,
+                "OAK_MQTT_CA",
+                identity,
+                "set OAK_MQTT_CERT and OAK_MQTT_KEY (or `NodeEngine config auth -c <cert> -k <key>`)",
+            )?);
         }
         if st.cluster_ssl {
-            return Some(register::RegisterError::HttpsUnsupported.to_string());
+            // One private CA usually signs both the cluster's HTTPS front and its broker, so
+            // OAK_MQTT_CA also serves registration unless OAK_CLUSTER_CA says otherwise.
+            let ca = setting("OAK_CLUSTER_CA", &st.cluster_ca).or(mqtt_ca);
+            c.register_tls = Some(tls::Connector::new(
+                ca,
+                "OAK_CLUSTER_CA",
+                None,
+                "registration presents no client certificate (as upstream): let the cluster's \
+                 HTTPS front accept clients without one",
+            )?);
         }
-        None
+        Ok(c)
     }
 }
 
@@ -333,7 +359,7 @@ impl<'ex> Session<'ex> {
                 match register::register(
                     &cfg.cluster_address,
                     cfg.cluster_port,
-                    cfg.cluster_ssl,
+                    cfg.register_tls.as_ref(),
                     &doc,
                     cfg.register_timeout,
                 )
@@ -412,6 +438,7 @@ impl<'ex> Session<'ex> {
             subs,
         );
         cfg.reconnect_max = self.cfg.mqtt_reconnect_max;
+        cfg.tls = self.cfg.mqtt_tls.clone();
         let (handle, fut) = client::client(cfg, self.tel.mqtt.clone());
         if let Some(old) = self.client_task.replace(self.ex.spawn(fut)) {
             // The old client was closed above; let it send its DISCONNECT and end by itself.

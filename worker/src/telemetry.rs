@@ -35,6 +35,16 @@ pub struct Counters {
     pub subscriptions_refused: AtomicU64,
     /// Overlay messages not carried (link or client queue full); the overlay retries.
     pub overlay_dropped: AtomicU64,
+    /// `jobs/resources` samples the runtime could not take (containerd unreachable or slow).
+    pub sample_failures: AtomicU64,
+}
+
+/// The containerd connection as the runtime adapter last saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Containerd {
+    Connecting,
+    Connected { socket: String },
+    Unreachable { error: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +71,7 @@ struct State {
     broker: Broker,
     queued_status_reports: usize,
     cgroup: Option<CgroupInfo>,
+    containerd: Containerd,
     instances: BTreeMap<(String, u64), (Status, String)>,
 }
 
@@ -68,6 +79,8 @@ struct State {
 pub struct Telemetry {
     pub counters: Counters,
     pub mqtt: Arc<MqttStats>,
+    /// Image pull counters, shared with the puller (`oak_image_*` in /metrics).
+    pub images: Arc<crate::image::Counters>,
     state: Mutex<State>,
 }
 
@@ -76,6 +89,7 @@ impl Telemetry {
         Arc::new(Telemetry {
             counters: Counters::default(),
             mqtt: Arc::new(MqttStats::default()),
+            images: Arc::default(),
             state: Mutex::new(State {
                 node_name: node_name.into(),
                 cluster: cluster.into(),
@@ -86,6 +100,7 @@ impl Telemetry {
                 broker: Broker::Disconnected,
                 queued_status_reports: 0,
                 cgroup: None,
+                containerd: Containerd::Connecting,
                 instances: BTreeMap::new(),
             }),
         })
@@ -121,6 +136,10 @@ impl Telemetry {
 
     pub fn set_cgroup(&self, c: CgroupInfo) {
         self.with(|s| s.cgroup = Some(c))
+    }
+
+    pub fn set_containerd(&self, c: Containerd) {
+        self.with(|s| s.containerd = c)
     }
 
     pub fn set_queued(&self, n: usize) {
@@ -172,6 +191,11 @@ impl Telemetry {
                 "state": match s.broker { Broker::Connected => "connected", Broker::Disconnected => "disconnected" },
             },
             "cgroup": s.cgroup,
+            "containerd": match &s.containerd {
+                Containerd::Connecting => serde_json::json!({"state": "connecting"}),
+                Containerd::Connected { socket } => serde_json::json!({"state": "connected", "socket": socket}),
+                Containerd::Unreachable { error } => serde_json::json!({"state": "unreachable", "error": error}),
+            },
             "queued_status_reports": s.queued_status_reports,
             "counters": {
                 "information_sent": l(&c.information_sent),
@@ -185,6 +209,9 @@ impl Telemetry {
                 "control_errors": l(&c.control_errors),
                 "publishes_acknowledged": l(&m.published),
                 "publish_failures": l(&m.dropped),
+                "sample_failures": l(&c.sample_failures),
+                "image_pulls": l(&self.images.pulls),
+                "image_pull_failures": l(&self.images.failures),
             },
             "instances": s.instances.iter().map(|((job, n), (st, detail))| serde_json::json!({
                 "job_name": job, "instance": n, "status": st, "status_detail": detail,
@@ -200,6 +227,7 @@ impl Telemetry {
                 s.broker,
                 s.queued_status_reports,
                 s.cgroup.as_ref().map(|c| c.memory),
+                matches!(s.containerd, Containerd::Connected { .. }),
             )
         });
         let c = &self.counters;
@@ -349,6 +377,18 @@ impl Telemetry {
             "Subscriptions the broker refused.",
             &[("", l(&c.subscriptions_refused))],
         );
+        metric(
+            "containerd_up",
+            "gauge",
+            "1 while the runtime is connected to containerd.",
+            &[("", u64::from(s.4))],
+        );
+        metric(
+            "sample_failures_total",
+            "counter",
+            "jobs/resources samples the runtime could not take.",
+            &[("", l(&c.sample_failures))],
+        );
         if let Some(mem) = s.3 {
             metric(
                 "memory_cgroup_enabled",
@@ -357,6 +397,7 @@ impl Telemetry {
                 &[("", u64::from(mem))],
             );
         }
+        self.images.render(&mut out);
         out
     }
 }

@@ -97,7 +97,7 @@ fn registers_reports_and_answers_deploys() {
     assert!(log.contains(&format!("{NODE_ID}-ne 1 nodes/{NODE_ID}/control/delete")));
     assert!(log.contains(&format!("{NODE_ID}-ne 1 nodes/{NODE_ID}/control/error")));
 
-    // A deploy without a runtime: FAILED for that instance, with upstream's report keys.
+    // A deploy without containerd: FAILED for that instance, saying why, with upstream's keys.
     let deploy = serde_json::json!({"_id": "x", "job_name": "app.ns.svc.ns", "image": "docker.io/library/nginx:latest",
         "virtualization": "docker", "instance_number": 3, "instance_list": [{"instance_number": 3, "cpu_percent": null}],
         "RR_ip_v6": null, "status_detail": "Waiting for scheduling decision"});
@@ -106,7 +106,12 @@ fn registers_reports_and_answers_deploys() {
         is_job(t, v, "app.ns.svc.ns", 3)
     });
     assert_eq!(failed["status"], "FAILED");
-    assert_eq!(failed["status_detail"], "no container runtime configured");
+    let detail = failed["status_detail"].as_str().unwrap_or_default();
+    let socket = dir.0.join(NO_CONTAINERD);
+    assert!(
+        detail.starts_with(&format!("containerd at {} unreachable: ", socket.display())),
+        "{detail}"
+    );
     let mut keys: Vec<&str> = failed
         .as_object()
         .unwrap()

@@ -139,7 +139,8 @@ fn status_changes_during_an_outage_are_delivered_after_reconnect() {
     runtime_thread
         .join()
         .expect("runtime side ends with the session");
-    assert!(broker
-        .log()
-        .contains(&format!("Received DISCONNECT from {NODE_ID}-ne")));
+    // mosquitto writes its log asynchronously: wait for the line rather than race it.
+    let line = format!("Received DISCONNECT from {NODE_ID}-ne");
+    wait_for(5 * S, || broker.log().contains(&line).then_some(()))
+        .expect("the session said DISCONNECT to the broker");
 }

@@ -17,6 +17,7 @@ pub mod path {
     pub const CONTENT_WRITE: &str = "/containerd.services.content.v1.Content/Write";
     pub const CONTENT_INFO: &str = "/containerd.services.content.v1.Content/Info";
     pub const CONTENT_READ: &str = "/containerd.services.content.v1.Content/Read";
+    pub const CONTENT_UPDATE: &str = "/containerd.services.content.v1.Content/Update";
     pub const SNAPSHOTS_PREPARE: &str = "/containerd.services.snapshots.v1.Snapshots/Prepare";
     pub const SNAPSHOTS_MOUNTS: &str = "/containerd.services.snapshots.v1.Snapshots/Mounts";
     pub const SNAPSHOTS_COMMIT: &str = "/containerd.services.snapshots.v1.Snapshots/Commit";
@@ -374,6 +375,27 @@ impl Decode for ContentInfo {
             Ok(())
         })?;
         Ok(i)
+    }
+}
+
+/// `UpdateRequest{info = 1 {digest = 1, labels = 5}, update_mask = 2 {paths = 1}}` setting only
+/// `labels.<key>` for the given keys: other labels of the blob are kept.
+pub struct UpdateContentLabels<'a> {
+    pub digest: &'a str,
+    pub labels: &'a [(&'a str, &'a str)],
+}
+
+impl Encode for UpdateContentLabels<'_> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        pb::message(out, 1, |m| {
+            pb::string(m, 1, self.digest);
+            labels(m, 5, self.labels);
+        });
+        pb::message(out, 2, |m| {
+            for (k, _) in self.labels {
+                pb::repeated_string(m, 1, &format!("labels.{k}"));
+            }
+        });
     }
 }
 
@@ -1270,6 +1292,23 @@ mod tests {
         let mut t = Vec::new();
         pb::int64(&mut t, 1, -62_135_596_800);
         assert_eq!(Timestamp::decode(&t).unwrap().seconds, -62_135_596_800);
+    }
+
+    #[test]
+    fn content_update_sets_only_the_named_labels() {
+        let req = enc(&UpdateContentLabels {
+            digest: "sha256:ab",
+            labels: &[("k", "v")],
+        });
+        let mut info = Vec::new();
+        pb::string(&mut info, 1, "sha256:ab");
+        pb::map_entry(&mut info, 5, "k", "v");
+        let mut mask = Vec::new();
+        pb::repeated_string(&mut mask, 1, "labels.k");
+        let mut want = Vec::new();
+        pb::bytes(&mut want, 1, &info);
+        pb::bytes(&mut want, 2, &mask);
+        assert_eq!(req, want);
     }
 
     #[test]

@@ -780,6 +780,20 @@ impl Client {
         res
     }
 
+    /// Content/Update of the labels `labels` of an existing blob; its other labels are kept.
+    pub async fn content_update_labels(
+        &mut self,
+        digest: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<(), Error> {
+        // The answer is the updated Info, which nobody needs.
+        self.call(
+            path::CONTENT_UPDATE,
+            &api::UpdateContentLabels { digest, labels },
+        )
+        .await
+    }
+
     /// Starts a Content/Write ingest on its own connection with a STAT for `reference`
     /// (`"layer-<digest>"` etc.). [`Ingest::Exists`] means the blob is already there.
     pub async fn content_writer(

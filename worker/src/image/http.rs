@@ -6,8 +6,7 @@
 
 use async_io::{Async, Timer};
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use std::fmt;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -20,12 +19,6 @@ const MAX_HEADERS: usize = 64;
 /// Connection read buffer; body bytes pass through it to the caller's buffer.
 const READ_BUF: usize = 64 << 10;
 const MAX_REDIRECTS: usize = 5;
-/// CA bundles tried in order when `SSL_CERT_FILE` is unset (Debian/Raspberry Pi OS first).
-const SYSTEM_BUNDLES: &[&str] = &[
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/cert.pem",
-];
 
 // ------------------------------------------------------------------ URLs
 
@@ -429,61 +422,14 @@ impl std::error::Error for Error {}
 /// Builds the rustls configuration: the system bundle (or `SSL_CERT_FILE`) plus `extra_ca`.
 /// `extra_ca` is additive: public registries keep working with it set.
 pub fn tls_config(extra_ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, Error> {
-    let mut roots = rustls::RootCertStore::empty();
-    let env_bundle = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
-    let bundles: Vec<PathBuf> = match env_bundle {
-        Some(p) => vec![p],
-        None => SYSTEM_BUNDLES.iter().map(PathBuf::from).collect(),
-    };
-    if let Some(path) = bundles.iter().find(|p| p.is_file()) {
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| Error::Roots(format!("cannot read CA bundle {}: {e}", path.display())))?
-            .filter_map(Result::ok);
-        let (added, _ignored) = roots.add_parsable_certificates(certs);
-        log::debug!("{added} CA certificates from {}", path.display());
-    }
-    if let Some(path) = extra_ca {
-        let mut n = 0;
-        let iter = CertificateDer::pem_file_iter(path).map_err(|e| {
-            Error::Roots(format!(
-                "OAK_REGISTRY_CA {}: cannot read it: {e}",
-                path.display()
-            ))
-        })?;
-        for cert in iter {
-            let cert = cert.map_err(|e| {
-                Error::Roots(format!(
-                    "OAK_REGISTRY_CA {}: not a PEM certificate file: {e}",
-                    path.display()
-                ))
-            })?;
-            roots.add(cert).map_err(|e| {
-                Error::Roots(format!(
-                    "OAK_REGISTRY_CA {}: unusable certificate: {e}",
-                    path.display()
-                ))
-            })?;
-            n += 1;
-        }
-        if n == 0 {
-            return Err(Error::Roots(format!(
-                "OAK_REGISTRY_CA {} holds no PEM certificate",
-                path.display()
-            )));
-        }
-    }
-    if roots.is_empty() {
-        return Err(Error::Roots(
-            "no CA certificates for HTTPS: install the ca-certificates package, or set OAK_REGISTRY_CA (or SSL_CERT_FILE) to a PEM file".into(),
-        ));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Roots(format!("TLS setup: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(cfg))
+    const SETTING: &str = "OAK_REGISTRY_CA";
+    let extra = extra_ca.map(|path| crate::tls::Setting {
+        name: SETTING,
+        path,
+    });
+    crate::tls::roots(extra, SETTING)
+        .and_then(|roots| crate::tls::client_config(roots, None))
+        .map_err(|e| Error::Roots(e.to_string()))
 }
 
 // ------------------------------------------------------------------ client shell

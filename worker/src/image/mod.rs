@@ -4,7 +4,6 @@
 //! It does not push, log in with credentials, or garbage-collect old images.
 
 pub mod auth;
-mod ctrd_ext;
 pub mod http;
 pub mod manifest;
 pub mod platform;

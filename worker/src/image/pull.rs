@@ -4,7 +4,6 @@
 //! already complete in containerd is answered from there without any network request.
 
 use super::auth::{self, TokenCache};
-use super::ctrd_ext;
 use super::http::{self, Url};
 use super::manifest::{self, Descriptor, Document, ImageConfig, Manifest, RunConfig, MAX_DOCUMENT};
 use super::platform::{self, Platform};
@@ -387,8 +386,12 @@ async fn local(
     }
 }
 
-async fn read_doc(client: &Client, name: &str, digest: &str) -> Result<Option<Vec<u8>>, PullError> {
-    match ctrd_ext::content_read(client, digest, MAX_DOCUMENT as usize).await {
+async fn read_doc(
+    client: &mut Client,
+    name: &str,
+    digest: &str,
+) -> Result<Option<Vec<u8>>, PullError> {
+    match client.content_read(digest, MAX_DOCUMENT as usize).await {
         Ok(b) if manifest::sha256_of(&b) == digest => Ok(Some(b)),
         Ok(_) => {
             log::warn!("image {name}: containerd's copy of {digest} does not match its digest; pulling again");
@@ -400,7 +403,7 @@ async fn read_doc(client: &Client, name: &str, digest: &str) -> Result<Option<Ve
 }
 
 async fn local_plan(
-    client: &Client,
+    client: &mut Client,
     name: &str,
     target: &ctrd::Descriptor,
     want: &Platform,
@@ -1011,7 +1014,8 @@ async fn ensure_labels(
     digest: &str,
     labels: &[(&str, &str)],
 ) -> Result<(), PullError> {
-    // Content/Info needs `&mut`; a short-lived clone of the client is a new connection anyway.
+    // Content/Info and Update need `&mut` (the control connection) while the layer writers
+    // share `&Client`: a short-lived second client costs one connection.
     let mut c = Client::new(ctrd::Options::new(client.socket(), client.namespace()))
         .map_err(|e| cerr(name, "checking content labels", e))?;
     let info = c
@@ -1026,7 +1030,7 @@ async fn ensure_labels(
     if missing.is_empty() {
         return Ok(());
     }
-    ctrd_ext::content_update_labels(client, digest, &missing)
+    c.content_update_labels(digest, &missing)
         .await
         .map_err(|e| cerr(name, "labelling existing content", e))
 }

@@ -6,8 +6,10 @@
 //! runs (the overlay's per-job topics); those are kept, bounded, and renewed on every connect.
 //! It does not interpret topics or payloads.
 //!
-//! TLS is not done yet; the seam is [`Client::open`]: `serve` is generic over the byte
-//! stream, so a rustls stream can be returned there when `OAK_MQTT_CERT` is set.
+//! With [`Config::tls`] set it speaks TLS from the first byte (MQTTS, spec §10). Upstream's Go
+//! worker tries plain TCP first and TLS second on the same port; we drop that quirk: against a
+//! TLS-only listener the plain attempt only adds a failure, and against a plain listener it would
+//! send the session unencrypted although a certificate is configured.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -23,6 +25,7 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, FutureExt
 use super::codec::{self, ConnectReturnCode, Packet, QoS};
 use crate::backoff::{self, Backoff};
 use crate::netio;
+use crate::tls;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -43,6 +46,8 @@ pub struct Config {
     pub inflight: usize,
     pub reconnect_initial: Duration,
     pub reconnect_max: Duration,
+    /// MQTTS: verify the broker as `host`, present the client certificate if one is configured.
+    pub tls: Option<tls::Connector>,
 }
 
 impl Config {
@@ -61,6 +66,7 @@ impl Config {
             inflight: 32,
             reconnect_initial: Duration::from_millis(250),
             reconnect_max: Duration::from_secs(15),
+            tls: None,
         }
     }
 }
@@ -278,9 +284,10 @@ impl Client {
         }
     }
 
-    /// The transport. TLS goes here (see the module docs).
-    async fn open(&mut self) -> io::Result<async_io::Async<std::net::TcpStream>> {
-        netio::connect(&self.cfg.host, self.cfg.port, self.cfg.connect_timeout).await
+    /// The transport: TCP, then TLS when configured (see the module docs).
+    async fn open(&mut self) -> io::Result<tls::Stream> {
+        let c = &self.cfg;
+        tls::connect(&c.host, c.port, c.tls.as_ref(), c.connect_timeout).await
     }
 
     /// Drops in-flight messages that are not to be resent (stale periodic reports).
@@ -506,8 +513,8 @@ impl Client {
                     _ => return Err(End::Lost("broker sent a packet before CONNACK".into())),
                 }
             }
-            let rbuf = &mut self.rbuf;
-            let more = async { Some(read_into(s, rbuf, &mut filled).await) }
+            let (rbuf, why) = (&mut self.rbuf, Why(&self.cfg));
+            let more = async { Some(read_into(s, rbuf, &mut filled, why).await) }
                 .or(async {
                     Timer::at(deadline).await;
                     None
@@ -538,10 +545,15 @@ impl Client {
             self.send_inflight(s, i).await?;
         }
         log::info!(
-            "MQTT connected to {}:{} as {}",
+            "MQTT connected to {}:{} as {}{}",
             self.cfg.host,
             self.cfg.port,
-            self.cfg.client_id
+            self.cfg.client_id,
+            match &self.cfg.tls {
+                Some(t) if t.presents_certificate() => " over TLS with a client certificate",
+                Some(_) => " over TLS",
+                None => "",
+            }
         );
         let result = self.connected(s, filled).await;
         if let Err(End::Lost(reason)) = &result {
@@ -628,8 +640,8 @@ impl Client {
             };
             let window_open = self.inflight.len() < self.cfg.inflight;
             let wake = {
-                let rbuf = &mut self.rbuf;
-                let read = async { Wake::Read(read_into(s, rbuf, &mut filled).await) };
+                let (rbuf, why) = (&mut self.rbuf, Why(&self.cfg));
+                let read = async { Wake::Read(read_into(s, rbuf, &mut filled, why).await) };
                 let commands = &self.commands;
                 let cmd = async {
                     if window_open {
@@ -746,10 +758,16 @@ async fn write_packet<S: AsyncWrite + Unpin>(
     .map_err(lost)
 }
 
+/// Turns read errors into operator-facing reasons: under TLS 1.3 a broker that refuses our
+/// client certificate (or wants one) says so in an alert on the first read, not in the handshake.
+#[derive(Clone, Copy)]
+struct Why<'a>(&'a Config);
+
 async fn read_into<S: AsyncRead + Unpin>(
     s: &mut S,
     buf: &mut [u8],
     filled: &mut usize,
+    why: Why<'_>,
 ) -> Result<(), End> {
     match s.read(&mut buf[*filled..]).await {
         Ok(0) => Err(End::Lost("broker closed the connection".into())),
@@ -757,6 +775,9 @@ async fn read_into<S: AsyncRead + Unpin>(
             *filled += n;
             Ok(())
         }
-        Err(e) => Err(lost(format!("read: {e}"))),
+        Err(e) => match &why.0.tls {
+            Some(t) => Err(lost(format!("read: {}", t.explain(&why.0.host, &e)))),
+            None => Err(lost(format!("read: {e}"))),
+        },
     }
 }

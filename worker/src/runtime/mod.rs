@@ -13,20 +13,13 @@ pub mod spec;
 
 pub use lifecycle::{Driver, Error, Runtime, RuntimeConfig};
 
-use crate::protocol::Status;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 
-/// One instance status change for `nodes/<id>/job` (worker-protocol §3.5). Same shape as the
-/// cluster session's boundary type, so the session forwards it as is.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StatusChange {
-    pub job_name: String,
-    pub instance: u64,
-    pub status: Status,
-    pub detail: String,
-}
+/// One instance status change for `nodes/<id>/job` (worker-protocol §3.5): the cluster
+/// session's boundary type itself, so the runtime adapter forwards it as is.
+pub use crate::runtime_link::StatusChange;
 
 /// The parts of an image config (`config` in the OCI image config JSON) a container needs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]

@@ -167,6 +167,14 @@ fn read(path: &str) -> Option<String> {
     std::fs::read_to_string(path).ok()
 }
 
+/// The first line of `/etc/machine-id`, trimmed; None when empty or implausible (an image
+/// built with an empty file, or garbage): the cluster then falls back to the source address.
+fn parse_machine_id(text: &str) -> Option<String> {
+    let id = text.lines().next()?.trim();
+    let plausible = (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic());
+    plausible.then(|| id.to_string())
+}
+
 /// GPU presence: NVIDIA's proc directory, else `/dev/nvidiaN` device nodes. Other vendors are
 /// not detected (upstream only knows NVIDIA too).
 fn nvidia_gpus() -> u64 {
@@ -219,6 +227,9 @@ pub struct Host {
     pub cgroup: CgroupInfo,
     pub gpus: u64,
     pub gpu_driver: String,
+    /// `/etc/machine-id`, sent at registration so the cluster tells a re-registration of this
+    /// machine from another machine claiming the same name (orch-lite; stock clusters ignore it).
+    pub machine_id: Option<String>,
     os_name: String,
     os_version: String,
 }
@@ -236,6 +247,7 @@ impl Host {
             gpu_driver: read("/proc/driver/nvidia/version")
                 .and_then(|t| parse_nvidia_version(&t))
                 .unwrap_or_else(|| "-".into()),
+            machine_id: read("/etc/machine-id").and_then(|t| parse_machine_id(&t)),
             os_name: os_release_value(&os, "ID").unwrap_or_default(),
             os_version: os_release_value(&os, "VERSION_ID").unwrap_or_default(),
         }
@@ -313,10 +325,12 @@ impl Host {
             .map_or_else(|| "100".to_string(), |p| p.to_string());
         node.disk_info = Some(BTreeMap::from([("/".to_string(), disk)]));
         if !full {
+            node.machine_id = None;
             node.system_info = None;
             node.network_info = None;
             return;
         }
+        node.machine_id = self.machine_id.clone();
         let uptime = read("/proc/uptime")
             .and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok())
             .unwrap_or(0.0) as u64;
@@ -373,6 +387,19 @@ mod tests {
 
     const STAT_A: &str = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\nintr 1\n";
     const STAT_B: &str = "cpu  160 0 70 900 70 0 0 0 0 0\ncpu0 80 0 35 450 35 0 0 0 0 0\nintr 2\n";
+
+    #[test]
+    fn machine_id_trimmed_or_absent() {
+        assert_eq!(
+            parse_machine_id("0123456789abcdef0123456789abcdef\n").as_deref(),
+            Some("0123456789abcdef0123456789abcdef")
+        );
+        assert_eq!(parse_machine_id("  ab12 \n"), Some("ab12".into()));
+        assert_eq!(parse_machine_id(""), None);
+        assert_eq!(parse_machine_id("\n"), None);
+        assert_eq!(parse_machine_id("a b"), None);
+        assert_eq!(parse_machine_id(&"x".repeat(200)), None);
+    }
 
     #[test]
     fn cpu_usage_between_samples() {

@@ -429,6 +429,9 @@ pub fn check_node_document(v: &serde_json::Value, token: Option<&str>) -> Vec<St
     bad
 }
 
+/// Socket name (in the test's dir) where no containerd listens.
+pub const NO_CONTAINERD: &str = "no-containerd.sock";
+
 /// The NodeEngine binary, in the foreground, with its log in the temp dir.
 pub struct Worker {
     child: Child,
@@ -449,6 +452,9 @@ impl Worker {
             .env("OAK_CONFIG_DIR", dir.join("etc"))
             .env("OAK_NETCFG", dir.join("netcfg.json"))
             .env("OAK_STATE_DIR", dir.join("state"))
+            .env("OAK_APP_LOGS", dir.join("logs"))
+            // Never the host's containerd: these tests run the session without a runtime.
+            .env("OAK_CONTAINERD_SOCKET", dir.join(NO_CONTAINERD))
             .env("OAK_STATUS_ADDR", status.to_string())
             .env("OAK_NETWORK", "off")
             .env("OAK_REPORT_INTERVAL_MS", "200")

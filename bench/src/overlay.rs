@@ -1,0 +1,527 @@
+//! Overlay: the real data plane (`netstack::dataplane`) in two namespaced workers with static
+//! tables, as netstack/tests/overlay.rs sets it up, against the raw veth between the same two
+//! namespaces, measured back to back in one run: single-flow TCP throughput, ping RTT,
+//! TCP connect time (a new flow each), small-UDP packets per second, and allocations per
+//! packet (a counting global allocator over the whole process during the throughput run).
+
+use crate::procs::wait_for;
+use crate::results::{self, append, cdf, Plot, Record};
+use crate::stats::percentile;
+use netstack::control::{JobName, NodeSubnet, TableQueryResult, TableUpdate};
+use netstack::dataplane::{Command as Dp, Dataplane, DataplaneConfig, DataplaneHandle, Event};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+const SECTION: &str = "overlay";
+const A_NS: Ipv4Addr = Ipv4Addr::new(10, 18, 0, 2);
+const A_IIP: Ipv4Addr = Ipv4Addr::new(10, 30, 0, 2);
+const B_NS: Ipv4Addr = Ipv4Addr::new(10, 18, 0, 66);
+const B_IIP: Ipv4Addr = Ipv4Addr::new(10, 30, 0, 3);
+const RR: Ipv4Addr = Ipv4Addr::new(10, 30, 1, 30);
+const W1_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 251, 1);
+const W2_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 251, 2);
+const FRONT: &str = "bench.b.front.b";
+const API: &str = "bench.b.api.b";
+
+/// Every allocation in the process (all threads), for the per-packet figure.
+pub static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+pub struct Opts {
+    pub secs: f64,
+    pub pings: usize,
+    pub connects: usize,
+}
+
+fn run(args: &[&str]) -> Result<String, String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{args:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Namespaces and links, removed on drop. Names start with `oakb<tag>` so bench.sh's trap can
+/// find what a killed run left.
+struct Topo {
+    netns: Vec<String>,
+    links: Vec<String>,
+    tag: String,
+}
+
+impl Topo {
+    fn new() -> Topo {
+        let tag = std::env::var("OAK_BENCH_TAG")
+            .unwrap_or_else(|_| format!("{:04x}", std::process::id() & 0xffff));
+        Topo {
+            netns: vec![],
+            links: vec![],
+            tag,
+        }
+    }
+    fn ns(&mut self, n: &str) -> Result<String, String> {
+        let name = format!("oakb{}-{n}", self.tag);
+        run(&["ip", "netns", "add", &name])?;
+        self.netns.push(name.clone());
+        run(&["ip", "-n", &name, "link", "set", "lo", "up"])?;
+        Ok(name)
+    }
+    fn ip(&self, ns: &str, args: &[&str]) -> Result<String, String> {
+        let mut v = vec!["ip", "-n", ns];
+        v.extend_from_slice(args);
+        run(&v)
+    }
+    fn veth(&mut self, a: &str, ns_a: &str, b: &str, ns_b: &str) -> Result<(), String> {
+        self.links.push(a.into());
+        run(&["ip", "link", "add", a, "type", "veth", "peer", "name", b])?;
+        run(&["ip", "link", "set", a, "netns", ns_a])?;
+        run(&["ip", "link", "set", b, "netns", ns_b])?;
+        Ok(())
+    }
+    fn exec(&self, ns: &str, args: &[&str]) -> Result<String, String> {
+        let mut v = vec!["ip", "netns", "exec", ns];
+        v.extend_from_slice(args);
+        run(&v)
+    }
+    fn sysctl(&self, ns: &str, kv: &str) -> Result<(), String> {
+        self.exec(ns, &["sysctl", "-qw", kv]).map(|_| ())
+    }
+}
+
+impl Drop for Topo {
+    fn drop(&mut self) {
+        for l in &self.links {
+            let _ = Command::new("ip").args(["link", "del", l]).output();
+        }
+        for n in self.netns.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+        }
+    }
+}
+
+fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<Result<T, String>> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = File::open(&path).map_err(|e| format!("open {path}: {e}"))?;
+        // SAFETY: fd is an open namespace file; CLONE_NEWNET only changes this thread.
+        if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("setns {path}: {}", std::io::Error::last_os_error()));
+        }
+        Ok(f())
+    })
+}
+
+fn join<T>(h: std::thread::JoinHandle<Result<T, String>>) -> Result<T, String> {
+    h.join().map_err(|_| "thread panicked".to_string())?
+}
+
+fn table(
+    app: &str,
+    ns: Ipv4Addr,
+    host: Ipv4Addr,
+    iip: Ipv4Addr,
+    rr: Option<Ipv4Addr>,
+) -> Result<TableUpdate, String> {
+    let rr = rr
+        .map(|r| format!(r#"{{"IpType":"RR","Address":"{r}"}},"#))
+        .unwrap_or_default();
+    let j = format!(
+        r#"{{"app_name":"{app}","query_key":"{app}","instance_list":[{{"instance_number":0,"namespace_ip":"{ns}",
+        "host_ip":"{host}","host_port":50103,"service_ip":[{rr}{{"IpType":"instance_ip","Address":"{iip}"}}]}}]}}"#
+    );
+    TableQueryResult::decode(j.as_bytes())
+        .map_err(|e| format!("{e:?}"))?
+        .validate(Ipv4Addr::new(10, 30, 0, 0), 16)
+        .map_err(|e| format!("{e:?}"))
+}
+
+struct Net {
+    topo: Topo,
+    w1: String,
+    w2: String,
+    i1: String,
+    i2: String,
+    h1: DataplaneHandle,
+    h2: DataplaneHandle,
+    _events: (mpsc::Receiver<Event>, mpsc::Receiver<Event>),
+}
+
+fn side(
+    topo: &mut Topo,
+    w: &str,
+    i: &str,
+    subnet: Ipv4Addr,
+    nsip: Ipv4Addr,
+    n: u8,
+) -> Result<(DataplaneHandle, mpsc::Receiver<Event>), String> {
+    let t = topo.tag.clone();
+    let (br, he, ie) = (
+        format!("br{n}-{t}"),
+        format!("vh{n}-{t}"),
+        format!("vi{n}-{t}"),
+    );
+    let gw = Ipv4Addr::from(u32::from(subnet) + 1);
+    topo.ip(w, &["link", "add", &br, "type", "bridge"])?;
+    topo.ip(w, &["addr", "add", &format!("{gw}/26"), "dev", &br])?;
+    topo.ip(w, &["link", "set", &br, "up"])?;
+    topo.veth(&he, w, &ie, i)?;
+    topo.ip(w, &["link", "set", &he, "master", &br, "up"])?;
+    topo.ip(i, &["addr", "add", &format!("{nsip}/26"), "dev", &ie])?;
+    topo.ip(i, &["link", "set", &ie, "up"])?;
+    topo.ip(i, &["route", "add", "default", "via", &gw.to_string()])?;
+    topo.sysctl(w, "net.ipv4.ip_forward=1")?;
+    for k in ["all", "default"] {
+        topo.sysctl(w, &format!("net.ipv4.conf.{k}.rp_filter=0"))?;
+    }
+    let cfg = DataplaneConfig {
+        tun_name: format!("oak{n}-{t}"),
+        ..DataplaneConfig::default()
+    };
+    let dp = join(in_netns(w, move || {
+        Dataplane::open(&cfg).map_err(|e| e.to_string())
+    }))??;
+    let (tx, rx) = mpsc::channel();
+    let h = dp.spawn(tx).map_err(|e| e.to_string())?;
+    h.send(Dp::SetSubnet(NodeSubnet {
+        v4: subnet,
+        v6: None,
+    }));
+    Ok((h, rx))
+}
+
+fn setup() -> Result<Net, String> {
+    let mut topo = Topo::new();
+    let t = topo.tag.clone();
+    let (w1, w2, i1, i2) = (
+        topo.ns("w1")?,
+        topo.ns("w2")?,
+        topo.ns("i1")?,
+        topo.ns("i2")?,
+    );
+    let (a, b) = (format!("vw1-{t}"), format!("vw2-{t}"));
+    topo.veth(&a, &w1, &b, &w2)?;
+    topo.ip(&w1, &["addr", "add", &format!("{W1_IP}/24"), "dev", &a])?;
+    topo.ip(&w1, &["link", "set", &a, "up"])?;
+    topo.ip(&w2, &["addr", "add", &format!("{W2_IP}/24"), "dev", &b])?;
+    topo.ip(&w2, &["link", "set", &b, "up"])?;
+    let (h1, e1) = side(&mut topo, &w1, &i1, Ipv4Addr::new(10, 18, 0, 0), A_NS, 1)?;
+    let (h2, e2) = side(&mut topo, &w2, &i2, Ipv4Addr::new(10, 18, 0, 64), B_NS, 2)?;
+    let front = table(FRONT, A_NS, W1_IP, A_IIP, None)?;
+    let api = table(API, B_NS, W2_IP, B_IIP, Some(RR))?;
+    let job = |n: &str| JobName::parse(n).map_err(|e| format!("{e:?}"));
+    h1.deploy_local(job(FRONT)?, 0, A_NS)
+        .map_err(|e| format!("{e:?}"))?;
+    h2.deploy_local(job(API)?, 0, B_NS)
+        .map_err(|e| format!("{e:?}"))?;
+    for h in [&h1, &h2] {
+        h.send(Dp::ApplyTableUpdate(front.clone()));
+        h.send(Dp::ApplyTableUpdate(api.clone()));
+        h.stats().ok_or("data plane stopped")?;
+    }
+    Ok(Net {
+        topo,
+        w1,
+        w2,
+        i1,
+        i2,
+        h1,
+        h2,
+        _events: (e1, e2),
+    })
+}
+
+/// One TCP flow for `secs`: returns Gbit/s received by the server.
+fn tcp_throughput(
+    srv_ns: &str,
+    bind: Ipv4Addr,
+    cli_ns: &str,
+    dst: Ipv4Addr,
+    secs: f64,
+) -> Result<f64, String> {
+    let l = join(in_netns(srv_ns, move || {
+        TcpListener::bind(SocketAddrV4::new(bind, 5201))
+    }))?
+    .map_err(|e| e.to_string())?;
+    let server = std::thread::spawn(move || -> std::io::Result<(u64, f64)> {
+        let (mut s, _) = l.accept()?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let (mut n, mut t0) = (0u64, None);
+        loop {
+            let k = s.read(&mut buf)?;
+            if k == 0 {
+                break;
+            }
+            t0.get_or_insert_with(Instant::now);
+            n += k as u64;
+        }
+        Ok((n, t0.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0)))
+    });
+    let client = in_netns(cli_ns, move || -> std::io::Result<()> {
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddrV4::new(dst, 5201).into(),
+            Duration::from_secs(3),
+        )?;
+        let buf = vec![0x5au8; 128 * 1024];
+        let end = Instant::now() + Duration::from_secs_f64(secs);
+        while Instant::now() < end {
+            s.write_all(&buf)?;
+        }
+        Ok(())
+    });
+    join(client)?.map_err(|e| format!("TCP client to {dst}: {e}"))?;
+    let (bytes, t) = server
+        .join()
+        .map_err(|_| "server panicked")?
+        .map_err(|e| e.to_string())?;
+    Ok(bytes as f64 * 8.0 / t.max(1e-9) / 1e9)
+}
+
+/// Small UDP datagrams (64 B payload) blasted for `secs`: packets per second received.
+fn udp_pps(
+    srv_ns: &str,
+    bind: Ipv4Addr,
+    cli_ns: &str,
+    dst: Ipv4Addr,
+    secs: f64,
+) -> Result<f64, String> {
+    let s = join(in_netns(srv_ns, move || {
+        UdpSocket::bind(SocketAddrV4::new(bind, 5202))
+    }))?
+    .map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .map_err(|e| e.to_string())?;
+    let done = Arc::new(AtomicBool::new(false));
+    let d2 = done.clone();
+    let server = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        let (mut n, mut first, mut last) = (0u64, None, Instant::now());
+        loop {
+            match s.recv(&mut buf) {
+                Ok(_) => {
+                    first.get_or_insert_with(Instant::now);
+                    n += 1;
+                    last = Instant::now();
+                }
+                Err(_) if d2.load(Ordering::Relaxed) => break,
+                Err(_) => {}
+            }
+        }
+        (
+            n,
+            first
+                .map(|f| last.duration_since(f).as_secs_f64())
+                .unwrap_or(0.0),
+        )
+    });
+    let client = in_netns(cli_ns, move || -> std::io::Result<()> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.connect(SocketAddrV4::new(dst, 5202))?;
+        let buf = [0x42u8; 64];
+        let end = Instant::now() + Duration::from_secs_f64(secs);
+        while Instant::now() < end {
+            for _ in 0..64 {
+                let _ = s.send(&buf);
+            }
+        }
+        Ok(())
+    });
+    join(client)?.map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_millis(200));
+    done.store(true, Ordering::Relaxed);
+    let (n, t) = server.join().map_err(|_| "server panicked")?;
+    Ok(n as f64 / t.max(1e-9))
+}
+
+/// TCP connect time, a new 5-tuple (so a new flow entry) each time; ms.
+fn connects(
+    srv_ns: &str,
+    bind: Ipv4Addr,
+    cli_ns: &str,
+    dst: Ipv4Addr,
+    n: usize,
+) -> Result<Vec<f64>, String> {
+    let l = join(in_netns(srv_ns, move || {
+        TcpListener::bind(SocketAddrV4::new(bind, 5203))
+    }))?
+    .map_err(|e| e.to_string())?;
+    let server = std::thread::spawn(move || {
+        for _ in 0..n {
+            if l.accept().is_err() {
+                break;
+            }
+        }
+    });
+    let v = join(in_netns(cli_ns, move || -> std::io::Result<Vec<f64>> {
+        let mut v = Vec::new();
+        for _ in 0..n {
+            let t0 = Instant::now();
+            let s = TcpStream::connect_timeout(
+                &SocketAddrV4::new(dst, 5203).into(),
+                Duration::from_secs(3),
+            )?;
+            v.push(t0.elapsed().as_secs_f64() * 1e3);
+            drop(s);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(v)
+    }))?
+    .map_err(|e| e.to_string())?;
+    let _ = server.join();
+    Ok(v)
+}
+
+fn ping_avg_ms(topo: &Topo, ns: &str, dst: Ipv4Addr, n: usize) -> Result<(f64, f64), String> {
+    let c = n.to_string();
+    let out = topo.exec(
+        ns,
+        &[
+            "ping",
+            "-q",
+            "-c",
+            &c,
+            "-i",
+            "0.01",
+            "-W",
+            "2",
+            &dst.to_string(),
+        ],
+    )?;
+    let line = out
+        .lines()
+        .find(|l| l.contains("min/avg/max"))
+        .ok_or_else(|| format!("no ping summary: {out}"))?;
+    let nums: Vec<f64> = line
+        .split('=')
+        .nth(1)
+        .unwrap_or("")
+        .trim()
+        .split(' ')
+        .next()
+        .unwrap_or("")
+        .split('/')
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    match nums.as_slice() {
+        [min, avg, ..] => Ok((*min, *avg)),
+        _ => Err(format!("cannot parse {line}")),
+    }
+}
+
+pub fn run_all(o: &Opts) -> Result<(), String> {
+    let net = setup()?;
+    // a first exchange, so the flow and ARP caches are warm for every figure
+    wait_for("overlay ping", Duration::from_secs(5), || {
+        ping_avg_ms(&net.topo, &net.i1, RR, 1).is_ok()
+    })?;
+
+    // throughput: raw veth then overlay, back to back, allocations counted over the overlay run
+    let veth = tcp_throughput(&net.w2, W2_IP, &net.w1, W2_IP, o.secs)?;
+    // allocations are counted in the middle of the overlay run only: after the flow and the
+    // load generator's buffers exist, before they are torn down
+    let (i2, i1, secs) = (net.i2.clone(), net.i1.clone(), o.secs);
+    let flow = std::thread::spawn(move || tcp_throughput(&i2, B_NS, &i1, RR, secs));
+    std::thread::sleep(Duration::from_secs_f64(o.secs * 0.3));
+    let s1 = net.h1.stats().ok_or("data plane stopped")?;
+    let s2 = net.h2.stats().ok_or("data plane stopped")?;
+    let a0 = ALLOCS.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs_f64(o.secs * 0.4));
+    let a1 = ALLOCS.load(Ordering::Relaxed);
+    let t1 = net.h1.stats().ok_or("data plane stopped")?;
+    let t2 = net.h2.stats().ok_or("data plane stopped")?;
+    let ovl = flow.join().map_err(|_| "flow thread panicked")??;
+    let pkts = (t1.from_tun + t1.from_peer + t2.from_tun + t2.from_peer)
+        .saturating_sub(s1.from_tun + s1.from_peer + s2.from_tun + s2.from_peer);
+    let allocs = a1 - a0;
+    append(
+        Record::new(SECTION, "single-flow TCP throughput through a service IP, ratio to raw veth", Some(ovl / veth), "ratio")
+            .goal("ge", 0.6, "≥ 60 % of raw veth")
+            .notes(format!("overlay {ovl:.2} Gbit/s, raw veth {veth:.2} Gbit/s (same run, {} s each, own load generator, 128 KiB writes)", o.secs)),
+    )
+    .map_err(|e| e.to_string())?;
+    append(
+        Record::new(
+            SECTION,
+            "single-flow TCP throughput through the overlay",
+            Some(ovl),
+            "Gbit/s",
+        )
+        .baseline("raw veth between the two worker namespaces", Some(veth)),
+    )
+    .map_err(|e| e.to_string())?;
+    append(
+        Record::new(SECTION, "allocations per packet in the data plane (TCP run)", Some(allocs as f64 / pkts.max(1) as f64), "allocs/packet")
+            .goal("le", 0.0, "0")
+            .notes(format!("{allocs} allocations in the whole bench process (every thread: both data planes, the load generator) over {pkts} packets through both data planes, counted in the middle 40 % of the overlay TCP run")),
+    )
+    .map_err(|e| e.to_string())?;
+
+    let (_, veth_rtt) = ping_avg_ms(&net.topo, &net.w1, W2_IP, o.pings)?;
+    let (_, ovl_rtt) = ping_avg_ms(&net.topo, &net.i1, RR, o.pings)?;
+    append(
+        Record::new(SECTION, "added round trip per overlay hop (ping avg, overlay minus raw veth)", Some((ovl_rtt - veth_rtt) * 1e3), "µs")
+            .baseline("raw veth RTT", Some(veth_rtt * 1e3))
+            .goal("le", 30.0, "≤ 30 µs")
+            .notes(format!("{} pings at 10 ms; overlay RTT {:.1} µs = instance → bridge → TUN → proxy → UDP over the veth → proxy → TUN → bridge → instance, and back", o.pings, ovl_rtt * 1e3)),
+    )
+    .map_err(|e| e.to_string())?;
+
+    let cv = connects(&net.w2, W2_IP, &net.w1, W2_IP, o.connects)?;
+    let co = connects(&net.i2, B_NS, &net.i1, RR, o.connects)?;
+    let (p50o, p50v) = (percentile(&co, 50.0), percentile(&cv, 50.0));
+    append(
+        Record::new(
+            SECTION,
+            "new-flow setup: TCP connect through a service IP, p50",
+            p50o.map(|x| x * 1e3),
+            "µs",
+        )
+        .baseline("TCP connect over raw veth p50", p50v.map(|x| x * 1e3))
+        .notes(format!(
+            "{} connects, a new 5-tuple (new flow entry, table hit) each; p99 {:.0} µs vs {:.0} µs",
+            co.len(),
+            percentile(&co, 99.0).unwrap_or(f64::NAN) * 1e3,
+            percentile(&cv, 99.0).unwrap_or(f64::NAN) * 1e3
+        )),
+    )
+    .map_err(|e| e.to_string())?;
+
+    let pv = udp_pps(&net.w2, W2_IP, &net.w1, W2_IP, o.secs)?;
+    let po = udp_pps(&net.i2, B_NS, &net.i1, B_IIP, o.secs)?;
+    append(
+        Record::new(
+            SECTION,
+            "small UDP packets (64 B payload) received per second through the overlay",
+            Some(po),
+            "packets/s",
+        )
+        .baseline("raw veth, same sender", Some(pv))
+        .notes("one sending thread, blasting; received count over the receive span"),
+    )
+    .map_err(|e| e.to_string())?;
+    results::save_plot(&Plot {
+        id: "overlay-connect".into(),
+        title: "TCP connect time: overlay service IP vs raw veth (CDF)".into(),
+        x_label: "ms".into(),
+        y_label: "fraction".into(),
+        kind: "cdf".into(),
+        series: vec![cdf("overlay (service IP)", &co), cdf("raw veth", &cv)],
+    })
+    .map_err(|e| e.to_string())?;
+    let _ = (&net.w1, &net.i2);
+    drop(net);
+    Ok(())
+}

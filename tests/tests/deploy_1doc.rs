@@ -1,0 +1,677 @@
+//! The 1-DOC deploy end to end with the real parts, as a user does it: a private containerd and
+//! registry (the fixture), `orch-lite all`, one `NodeEngine`; the getting-started guide's
+//! `clientsrvr` application (busybox from the fixture registry instead of nginx and curl) is
+//! created, deployed and partly undeployed through the root API, and checked in containerd.
+//! Without the overlay (landing separately) the client's fetch from 10.30.30.30 cannot work yet,
+//! so only that the client runs and logs is checked.
+
+use e2e::Fixture;
+use serde_json::{json, Value};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+const APP: &str = "clientsrvr";
+const RR_IP: &str = "10.30.30.30";
+
+/// The guide's descriptor (orchestrators spec §3, §9.4) with the fixture image.
+fn sla(image: &str) -> Value {
+    json!({
+        "sla_version": "v2.0",
+        "customerID": "Admin",
+        "applications": [{
+            "applicationID": "",
+            "application_name": APP,
+            "application_namespace": "test",
+            "application_desc": "HTTP server behind 10.30.30.30 and a client fetching from it",
+            "microservices": [
+                {
+                    "microserviceID": "",
+                    "microservice_name": "server",
+                    "microservice_namespace": "test",
+                    "virtualization": "container",
+                    "cmd": ["httpd", "-f", "-p", "80", "-h", "/www"],
+                    "memory": 100, "vcpus": 1, "vgpus": 0, "vtpus": 0,
+                    "bandwidth_in": 0, "bandwidth_out": 0, "storage": 0,
+                    "code": image,
+                    "state": "",
+                    "port": "6080:80/tcp",
+                    "addresses": {"rr_ip": RR_IP},
+                    "added_files": []
+                },
+                {
+                    "microserviceID": "",
+                    "microservice_name": "client",
+                    "microservice_namespace": "test",
+                    "virtualization": "container",
+                    "cmd": ["sh", "-c", "while true; do wget -q -O - http://10.30.30.30/ || true; sleep 2; done"],
+                    "memory": 100, "vcpus": 1, "vgpus": 0, "vtpus": 0,
+                    "bandwidth_in": 0, "bandwidth_out": 0, "storage": 0,
+                    "code": image,
+                    "state": "",
+                    "port": "",
+                    "added_files": [],
+                    "constraints": []
+                }
+            ]
+        }]
+    })
+}
+
+/// A daemon of the test, stopped politely (SIGTERM) or killed when dropped.
+struct Proc {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, cmd: &mut Command, log: PathBuf) -> Result<Proc, String> {
+        let file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let err = file.try_clone().map_err(|e| e.to_string())?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("cannot start {name}: {e}"))?;
+        Ok(Proc { name, child, log })
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGTERM, then up to 10 s for a clean exit.
+    fn stop(&mut self) -> Result<ExitStatus, String> {
+        let pid = self.child.id().to_string();
+        if self.alive() {
+            let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(st)) => return Ok(st),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return Err(format!(
+                        "{} (pid {pid}) ignored SIGTERM for 10 s",
+                        self.name
+                    ));
+                }
+            }
+        }
+    }
+
+    fn tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.alive() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// `NodeEngine` and `orch-lite` of this build, next to this test binary. `cargo test
+/// --workspace` builds them first (both packages have integration tests), so they are used as
+/// they are when newer than every source they come from; otherwise (`cargo test -p e2e` after an
+/// edit) they are built, so the test never runs stale binaries. Always building would not do:
+/// `cargo build` unifies features differently from `cargo test` and would relink them each run.
+fn binaries() -> Result<(PathBuf, PathBuf), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    // <target>/<profile>/deps/<test binary>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| format!("unexpected test binary path {}", exe.display()))?
+        .to_path_buf();
+    let (ne, ol) = (
+        profile_dir.join("NodeEngine"),
+        profile_dir.join("orch-lite"),
+    );
+    let repo = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let sources = ["worker", "orch-lite", "netstack", "Cargo.lock"].map(|p| repo.join(p));
+    let newest_source = sources.iter().filter_map(|p| newest(p)).max();
+    let built = [&ne, &ol]
+        .iter()
+        .map(|b| std::fs::metadata(b).and_then(|m| m.modified()).ok())
+        .min()
+        .flatten();
+    if built.is_some() && built >= newest_source {
+        return Ok((ne, ol));
+    }
+    let cargo = option_env!("CARGO").unwrap_or("cargo");
+    let mut build = Command::new(cargo);
+    build.args([
+        "build",
+        "-q",
+        "-p",
+        "worker",
+        "--bin",
+        "NodeEngine",
+        "-p",
+        "orch-lite",
+        "--bin",
+        "orch-lite",
+    ]);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        build.arg("--release");
+    }
+    if let Some(target_dir) = profile_dir.parent() {
+        build.arg("--target-dir").arg(target_dir);
+    }
+    let st = build
+        .current_dir(repo)
+        .status()
+        .map_err(|e| format!("cannot run {cargo} build: {e}"))?;
+    if !st.success() || !ne.exists() || !ol.exists() {
+        return Err(format!(
+            "{} or {} missing ({cargo} build: {st}): run `cargo build -p worker -p orch-lite` first",
+            ne.display(),
+            ol.display()
+        ));
+    }
+    Ok((ne, ol))
+}
+
+/// Latest modification time of a file, or of any file under a directory (skipping `target`).
+fn newest(p: &Path) -> Option<std::time::SystemTime> {
+    let meta = std::fs::metadata(p).ok()?;
+    if !meta.is_dir() {
+        return meta.modified().ok();
+    }
+    std::fs::read_dir(p)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name() != "target")
+        .filter_map(|e| newest(&e.path()))
+        .max()
+}
+
+/// One JSON request; any HTTP status is an answer, only transport failures are errors.
+fn call(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> Result<(u16, Value), String> {
+    let mut req = ureq::request(method, url).timeout(Duration::from_secs(10));
+    if let Some(t) = token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    let res = match body {
+        Some(b) => req.send_json(b.clone()),
+        None => req.call(),
+    };
+    let resp = match res {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => return Err(format!("{method} {url}: {e}")),
+    };
+    let code = resp.status();
+    let text = resp
+        .into_string()
+        .map_err(|e| format!("{method} {url}: {e}"))?;
+    Ok((
+        code,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    ))
+}
+
+fn ok(method: &str, url: &str, token: Option<&str>, body: Option<&Value>) -> Result<Value, String> {
+    match call(method, url, token, body)? {
+        (200, v) => Ok(v),
+        (c, v) => Err(format!("{method} {url} answered {c}: {v}")),
+    }
+}
+
+/// Polls `f` every 50 ms until it yields a value; its last error (or the last "not yet" note)
+/// goes into the timeout message.
+fn wait_for<T>(
+    what: &str,
+    limit: Duration,
+    mut f: impl FnMut() -> Result<Option<T>, String>,
+) -> Result<T, String> {
+    let deadline = Instant::now() + limit;
+    let mut last = String::new();
+    loop {
+        match f() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = e,
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "timed out after {} s waiting for {what}; last: {last}",
+                limit.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn ctr(fx: &Fixture, args: &[&str]) -> Result<String, String> {
+    let out = fx
+        .ctr("oakestra")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ctr {args:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ctr {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn containers(fx: &Fixture) -> Result<Vec<String>, String> {
+    Ok(ctr(fx, &["containers", "ls", "-q"])?
+        .lines()
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Pid of a container's running task (`ctr tasks ls`: TASK PID STATUS).
+fn task_pid(fx: &Fixture, id: &str) -> Result<Option<u32>, String> {
+    Ok(ctr(fx, &["tasks", "ls"])?.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() == 3 && f[0] == id && f[2] == "RUNNING")
+            .then(|| f[1].parse().ok())
+            .flatten()
+    }))
+}
+
+struct Service {
+    id: String,
+    job_name: String,
+}
+
+impl Service {
+    fn container(&self) -> String {
+        format!("{}.instance.0", self.job_name)
+    }
+}
+
+struct World<'a> {
+    fx: &'a Fixture,
+    root: String,
+    cluster: String,
+    status: String,
+    work: PathBuf,
+    token: String,
+}
+
+impl World<'_> {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.root)
+    }
+
+    fn service(&self, id: &str) -> Result<Value, String> {
+        ok(
+            "GET",
+            &self.url(&format!("/api/service/{id}")),
+            Some(&self.token),
+            None,
+        )
+    }
+
+    fn instance_status(&self, id: &str) -> Result<Option<String>, String> {
+        let s = self.service(id)?;
+        Ok(s["instance_list"]
+            .as_array()
+            .and_then(|l| l.iter().find(|i| i["instance_number"] == 0))
+            .and_then(|i| i["status"].as_str())
+            .map(str::to_owned))
+    }
+
+    /// POST instance → RUNNING at the root; returns the latency. A FAILED instance ends the
+    /// wait with its reason.
+    fn deploy(&self, s: &Service) -> Result<Duration, String> {
+        let t0 = Instant::now();
+        let r = ok(
+            "POST",
+            &self.url(&format!("/api/service/{}/instance", s.id)),
+            Some(&self.token),
+            None,
+        )?;
+        if r["instance_number"] != 0 {
+            return Err(format!("deploy of {} answered {r}", s.job_name));
+        }
+        let deadline = t0 + Duration::from_secs(40);
+        loop {
+            match self.instance_status(&s.id)?.as_deref() {
+                Some("RUNNING") => return Ok(t0.elapsed()),
+                // Terminal: no point in waiting for the deadline.
+                Some(st @ ("FAILED" | "DEAD" | "NO_WORKER_CAPACITY" | "NO_NODE_FOUND")) => {
+                    let detail = &self.service(&s.id)?["instance_list"][0]["status_detail"];
+                    return Err(format!("{} became {st}: {detail}", s.job_name));
+                }
+                st if Instant::now() >= deadline => {
+                    return Err(format!(
+                        "{} not RUNNING after 40 s (status {st:?})",
+                        s.job_name
+                    ))
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+}
+
+fn scenario(w: &World, started: Instant) -> Result<Vec<Duration>, String> {
+    let fx = w.fx;
+    // The worker registers, and the root hears of the cluster's new capacity.
+    wait_for(
+        "the root to list the cluster with one worker",
+        Duration::from_secs(30),
+        || {
+            let (_, v) = call("GET", &w.url("/api/clusters/active"), Some(&w.token), None)?;
+            Ok(v.as_array()
+                .is_some_and(|l| {
+                    l.iter()
+                        .any(|c| c["active_nodes"].as_u64().unwrap_or(0) >= 1)
+                })
+                .then_some(()))
+        },
+    )?;
+    println!(
+        "the root sees the worker after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    // The registration carries /etc/machine-id, so the cluster knows the machine by it.
+    let cluster = ok(
+        "GET",
+        &format!("http://{}/api/cluster/status", w.cluster),
+        None,
+        None,
+    )?;
+    let machine = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
+    if !machine.trim().is_empty() {
+        assert_eq!(
+            cluster["nodes"][0]["machine"],
+            format!("machine:{}", machine.trim()),
+            "{cluster}"
+        );
+    }
+    let status = ok("GET", &format!("http://{}/status", w.status), None, None)?;
+    assert_eq!(status["containerd"]["state"], "connected", "{status}");
+    assert_eq!(status["registration"], "registered", "{status}");
+
+    let apps = ok(
+        "POST",
+        &w.url("/api/application/"),
+        Some(&w.token),
+        Some(&sla(&fx.image)),
+    )?;
+    let app_id = apps
+        .as_array()
+        .and_then(|l| l.iter().find(|a| a["application_name"] == APP))
+        .and_then(|a| a["applicationID"].as_str())
+        .ok_or_else(|| format!("no {APP} in {apps}"))?
+        .to_owned();
+    let jobs = ok(
+        "GET",
+        &w.url(&format!("/api/services/{app_id}")),
+        Some(&w.token),
+        None,
+    )?;
+    let find = |name: &str| -> Result<Service, String> {
+        let j = jobs
+            .as_array()
+            .and_then(|l| l.iter().find(|j| j["microservice_name"] == name))
+            .ok_or_else(|| format!("no service {name} in {jobs}"))?;
+        Ok(Service {
+            id: j["_id"]["$oid"].as_str().unwrap_or_default().to_owned(),
+            job_name: j["job_name"].as_str().unwrap_or_default().to_owned(),
+        })
+    };
+    let (server, client) = (find("server")?, find("client")?);
+    assert_eq!(server.job_name, "clientsrvr.test.server.test");
+
+    // The server's deploy includes the first pull from the registry; the client's finds the
+    // image in containerd.
+    let mut latencies = Vec::new();
+    for s in [&server, &client] {
+        let d = w.deploy(s)?;
+        println!(
+            "deploy latency {}: {} ms (POST instance -> RUNNING at the root)",
+            s.job_name,
+            d.as_millis()
+        );
+        latencies.push(d);
+    }
+
+    let ids = containers(fx)?;
+    for s in [&server, &client] {
+        let id = s.container();
+        assert!(ids.contains(&id), "container {id} not in {ids:?}");
+        let info = ctr(fx, &["containers", "info", &id])?;
+        assert!(
+            info.contains("\"hostname\": \"instance-0\""),
+            "hostname of {id}: {info}"
+        );
+        assert!(task_pid(fx, &id)?.is_some(), "no running task for {id}");
+    }
+    // The server answers inside its own network namespace (no overlay: loopback only).
+    let page = ctr(
+        fx,
+        &[
+            "tasks",
+            "exec",
+            "--exec-id",
+            "e2e-probe",
+            &server.container(),
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            "http://127.0.0.1:80/",
+        ],
+    )?;
+    assert!(
+        page.contains("OAK_FIXTURE_HTTPD_OK"),
+        "server answered {page:?}"
+    );
+    let client_log = w.work.join("logs").join(client.container());
+    wait_for("the client's log file", Duration::from_secs(10), || {
+        Ok(client_log.exists().then_some(()))
+    })?;
+
+    let metrics = ok("GET", &format!("http://{}/metrics", w.status), None, None)?;
+    let metrics = metrics.as_str().unwrap_or_default();
+    assert!(metrics.contains("oak_image_pulls_total 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("oak_worker_containerd_up 1\n"),
+        "{metrics}"
+    );
+
+    // Undeploy the client: gone from containerd, and from the root's instance list.
+    let pid = task_pid(fx, &client.container())?;
+    let t0 = Instant::now();
+    ok(
+        "DELETE",
+        &w.url(&format!("/api/service/{}/instance/0", client.id)),
+        Some(&w.token),
+        None,
+    )?;
+    wait_for(
+        "the client container to leave containerd",
+        Duration::from_secs(20),
+        || Ok((!containers(fx)?.contains(&client.container())).then_some(())),
+    )?;
+    println!(
+        "undeploy {}: {} ms until the container is gone",
+        client.job_name,
+        t0.elapsed().as_millis()
+    );
+    let job = w.service(&client.id)?;
+    assert_eq!(job["instance_list"], json!([]), "{job}");
+    assert_eq!(job["status"], "UNDEPLOYED", "{job}");
+    if let Some(pid) = pid {
+        assert!(
+            !is_same_cmd(pid, RR_IP),
+            "client process {pid} survived the undeploy"
+        );
+    }
+    // The server is untouched.
+    assert_eq!(w.instance_status(&server.id)?.as_deref(), Some("RUNNING"));
+    Ok(latencies)
+}
+
+fn is_same_cmd(pid: u32, word: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains(word))
+        .unwrap_or(false)
+}
+
+#[test]
+fn clientsrvr_deploys_runs_and_undeploys() {
+    if !e2e::require_root("clientsrvr_deploys_runs_and_undeploys") {
+        return;
+    }
+    let _one_at_a_time = e2e::serial();
+    let started = Instant::now();
+    let (node_engine, orch_lite) = binaries().unwrap_or_else(|e| panic!("{e}"));
+    println!(
+        "binaries ready after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let fx = Fixture::start().unwrap_or_else(|e| panic!("{e}"));
+    println!("fixture up after {:.1} s", started.elapsed().as_secs_f64());
+    let fx_dir = fx.dir.clone();
+    let work = fx.dir.with_file_name(format!(
+        "{}-1doc",
+        fx.dir.file_name().and_then(|n| n.to_str()).unwrap_or("oak")
+    ));
+    std::fs::create_dir_all(&work).unwrap();
+
+    let (root_port, cluster_port, mqtt_port, status_port) =
+        (free_port(), free_port(), free_port(), free_port());
+    let root = format!("127.0.0.1:{root_port}");
+    let status = format!("127.0.0.1:{status_port}");
+    let mut orch = Proc::spawn(
+        "orch-lite",
+        Command::new(&orch_lite)
+            .arg("all")
+            .env("RUST_LOG", "info")
+            .env("OAK_DATA_DIR", work.join("orch-lite"))
+            .env("OAK_ROOT_API_ADDR", &root)
+            .env("OAK_CLUSTER_API_ADDR", format!("127.0.0.1:{cluster_port}"))
+            .env("OAK_MQTT_ADDR", format!("127.0.0.1:{mqtt_port}"))
+            .env("OAK_CLUSTER_NAME", "e2e")
+            .env("OAK_CLUSTER_REPORT_INTERVAL_MS", "500")
+            .env_remove("OAK_JOIN_TOKEN")
+            .env_remove("OAK_ADMIN_PASSWORD"),
+        work.join("orch-lite.log"),
+    )
+    .unwrap();
+    let mut w = World {
+        fx: &fx,
+        root: root.clone(),
+        cluster: format!("127.0.0.1:{cluster_port}"),
+        status,
+        work: work.clone(),
+        token: String::new(),
+    };
+    let login = json!({"username": "Admin", "password": "Admin"});
+    w.token = wait_for("the root API", Duration::from_secs(20), || {
+        match call("POST", &w.url("/api/auth/login"), None, Some(&login)) {
+            Ok((200, v)) => Ok(v["token"].as_str().map(str::to_owned)),
+            Ok((c, v)) => Err(format!("login answered {c}: {v}")),
+            Err(e) => Err(e),
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n--- orch-lite log:\n{}", orch.tail(30)));
+
+    let mut worker = Command::new(&node_engine);
+    worker
+        .args(["-a", "127.0.0.1", "-p", &cluster_port.to_string()])
+        .env("RUST_LOG", "info")
+        .env("OAK_NODE_NAME", "e2e-worker")
+        .env("OAK_CONFIG_DIR", work.join("etc"))
+        .env("OAK_NETCFG", work.join("etc/netcfg.json"))
+        .env("OAK_STATE_DIR", work.join("state"))
+        .env("OAK_APP_LOGS", work.join("logs"))
+        .env("OAK_NETWORK", "off")
+        .env("OAK_STATUS_ADDR", &w.status)
+        .env("OAK_REPORT_INTERVAL_MS", "500")
+        .env_remove("OAK_JOIN_TOKEN");
+    for (k, v) in fx.worker_env() {
+        worker.env(k, v);
+    }
+    let mut ne = Proc::spawn("NodeEngine", &mut worker, work.join("worker.log")).unwrap();
+
+    let result = scenario(&w, started);
+    let latencies = match result {
+        Ok(l) => l,
+        Err(e) => panic!(
+            "{e}\n--- NodeEngine log:\n{}\n--- orch-lite log:\n{}",
+            ne.tail(40),
+            orch.tail(40)
+        ),
+    };
+
+    // Instances outlive the worker (adopted at its next start); the fixture removes them.
+    let server_pid = task_pid(&fx, "clientsrvr.test.server.test.instance.0")
+        .ok()
+        .flatten();
+    let st = ne.stop().unwrap_or_else(|e| panic!("{e}\n{}", ne.tail(20)));
+    assert!(
+        st.success(),
+        "NodeEngine exited with {st}:\n{}",
+        ne.tail(20)
+    );
+    let st = orch
+        .stop()
+        .unwrap_or_else(|e| panic!("{e}\n{}", orch.tail(20)));
+    assert!(
+        st.success(),
+        "orch-lite exited with {st}:\n{}",
+        orch.tail(20)
+    );
+    drop(w);
+    fx.stop().unwrap_or_else(|e| panic!("{e}"));
+    println!(
+        "fixture down after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(pid) = server_pid {
+        assert!(
+            !is_same_cmd(pid, "httpd"),
+            "server process {pid} survived the fixture"
+        );
+    }
+    std::fs::remove_dir_all(&work).unwrap_or_else(|e| panic!("removing {}: {e}", work.display()));
+    for dir in [&fx_dir, &work] {
+        let left = e2e::leftovers(dir);
+        assert!(left.is_empty(), "left behind: {left:#?}");
+    }
+    let mut sorted = latencies.clone();
+    sorted.sort();
+    println!(
+        "deploy latency p50 {} ms over {} deploys (first includes the image pull); whole test {:.1} s",
+        sorted[sorted.len() / 2].as_millis(),
+        sorted.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
