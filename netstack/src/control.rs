@@ -460,15 +460,22 @@ impl TableQueryResult {
 }
 
 /// `service/deployed` and `service/address-changed` (spec §4.1). `host_port` is a string here
-/// on the wire, unlike in table query results.
+/// on the wire, unlike in table query results. Sent with every field; decoded leniently
+/// (missing or null fields empty, `host_port` as a string or a number), since the receiving
+/// service manager should not drop a report over a field it can do without.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceDeployed {
     pub appname: String,
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub status: String,
     pub instance_number: u32,
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub nsip: String,
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub nsipv6: String,
+    #[serde(default, deserialize_with = "port_string")]
     pub host_port: String,
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub host_ip: String,
 }
 
@@ -529,6 +536,18 @@ impl UpdatesAvailable {
 
 fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
+}
+
+/// A port as the text upstream sends, from a JSON string, number or null.
+fn port_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => Ok(s),
+        serde_json::Value::Number(n) => Ok(n.to_string()),
+        serde_json::Value::Null => Ok(String::new()),
+        other => Err(serde::de::Error::custom(format!(
+            "host_port: expected a port, got {other}"
+        ))),
+    }
 }
 
 fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
@@ -648,6 +667,23 @@ mod tests {
             .validate()
             .is_err());
         assert_eq!(UpdatesAvailable::decode_lenient(b"garbage").kind, "");
+        // what a service manager accepts: the exact form back, and a looser one
+        assert_eq!(
+            ServiceDeployed::decode(&serde_json::to_vec(&d).unwrap()).unwrap(),
+            d
+        );
+        let loose = ServiceDeployed::decode(
+            br#"{"appname":"a.b.c.d","instance_number":1,"host_port":50103,"nsip":null}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (loose.host_port.as_str(), loose.nsip.as_str()),
+            ("50103", "")
+        );
+        assert!(ServiceDeployed::decode(
+            br#"{"appname":"a.b.c.d","instance_number":1,"host_port":[1]}"#
+        )
+        .is_err());
     }
 
     #[test]

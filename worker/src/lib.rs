@@ -18,6 +18,7 @@ pub mod image;
 pub mod mqtt;
 pub mod netio;
 pub mod outbox;
+pub mod overlay;
 pub mod protocol;
 pub mod register;
 pub mod runtime;

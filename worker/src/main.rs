@@ -9,7 +9,7 @@ use worker::cli::{self, Command, ConfigCommand};
 use worker::config::{ConfFile, NetworkMode, Overrides, Paths, Settings};
 use worker::telemetry::Telemetry;
 use worker::{
-    config_edit, control, image, runtime, runtime_adapter, runtime_link, session, status,
+    config_edit, control, image, overlay, runtime, runtime_adapter, runtime_link, session, status,
 };
 
 fn env(key: &str) -> Option<String> {
@@ -106,12 +106,22 @@ fn run_foreground(paths: &Paths, cli: &Overrides) -> Result<(), String> {
     );
     let cfg =
         session::Config::from_settings(&settings, env("MY_PORT")).map_err(|e| e.to_string())?;
-    if settings.network != NetworkMode::Off {
-        log::warn!(
-            "network mode {} requested, but the overlay is not part of this build yet (issue #5): instances get loopback only",
-            settings.network
-        );
-    }
+    // The overlay opens its TUN and tunnel port now, so a port clash fails the start, not the
+    // first deploy. It talks to the cluster once registration gives the node id.
+    let overlay = match &settings.network {
+        NetworkMode::Auto => {
+            let ocfg = overlay::OverlayConfig::from_settings(&settings)?;
+            Some(overlay::Overlay::start(ocfg)?)
+        }
+        NetworkMode::Manual(sock) => {
+            log::warn!(
+                "network manual ({}): using an external NetManager from NodeEngine is not part of this build yet; instances get loopback only",
+                sock.display()
+            );
+            None
+        }
+        NetworkMode::Off => None,
+    };
     write_pid_file(&settings.state_dir);
     let telemetry = Telemetry::new(
         &settings.node_name,
@@ -122,22 +132,68 @@ fn run_foreground(paths: &Paths, cli: &Overrides) -> Result<(), String> {
     log::info!("status endpoint on http://{}/status", settings.status_addr);
     let ex = async_executor::LocalExecutor::new();
     let (session_side, runtime_side) = runtime_link::link(cfg.runtime_capacity);
+    let (overlay, overlay_link) = match overlay {
+        Some((o, link, task)) => {
+            ex.spawn(task).detach();
+            (Some(o), Some(link))
+        }
+        None => (None, None),
+    };
+    // The overlay is the runtime's Network seam: a named netns per instance, joined at create.
+    let network: std::rc::Rc<dyn runtime::Network> = match &overlay {
+        Some(o) => std::rc::Rc::new(o.clone()),
+        None => std::rc::Rc::new(runtime::NoNetwork),
+    };
     let pull = image::PullConfig::from_env(settings.insecure_registries.clone());
     let rt_cfg = runtime_adapter::runtime_config(&settings, &pull);
     let puller = runtime_adapter::RegistryPuller::new(&rt_cfg, pull, telemetry.images.clone());
-    // The overlay plugs in as the Network seam (issue #5); until then instances get loopback.
     ex.spawn(runtime_adapter::run(
         runtime_side,
         runtime_adapter::Config::new(rt_cfg),
         std::rc::Rc::new(puller),
-        std::rc::Rc::new(runtime::NoNetwork),
+        network,
         telemetry.clone(),
     ))
     .detach();
     let stop = shutdown_signal().map_err(|e| format!("cannot install the SIGTERM handler: {e}"))?;
-    async_io::block_on(ex.run(session::run(cfg, session_side, telemetry, &ex, stop)));
+    async_io::block_on(ex.run(session::run_with_overlay(
+        cfg,
+        session_side,
+        telemetry,
+        &ex,
+        stop,
+        overlay_link,
+    )));
+    if let Some(o) = overlay {
+        o.shutdown();
+    }
     let _ = std::fs::remove_file(control::pid_file(&settings.state_dir));
     Ok(())
+}
+
+/// `NetManager` (multi-call): the overlay alone behind upstream's local API, for workers in
+/// `network manual` mode (or a stock NodeEngine).
+fn run_netmanager(paths: &Paths) -> Result<(), String> {
+    let settings = load_settings(paths, &Overrides::default())?;
+    let netcfg = netstack::config::NetCfg::load(&paths.netcfg).map_err(|e| e.to_string())?;
+    let socket = match &settings.network {
+        NetworkMode::Manual(s) => s.clone(),
+        _ => worker::config::DEFAULT_NETMANAGER_SOCKET.into(),
+    };
+    let mcfg = overlay::api::ManualConfig {
+        socket,
+        cluster_url: netcfg.cluster_url.trim().to_string(),
+        mqtt_port: netcfg
+            .cluster_mqtt_port
+            .trim()
+            .parse()
+            .unwrap_or(netstack::config::DEFAULT_MQTT_PORT),
+        register_wait: Duration::from_secs(9),
+    };
+    let ocfg = overlay::OverlayConfig::from_settings(&settings)?;
+    let stop = shutdown_signal().map_err(|e| format!("cannot install the SIGTERM handler: {e}"))?;
+    let ex = async_executor::LocalExecutor::new();
+    async_io::block_on(ex.run(overlay::api::run(&ex, ocfg, mcfg, stop)))
 }
 
 /// Write end of the self-pipe the signal handler pokes (-1 until installed).
@@ -244,9 +300,7 @@ fn main() -> ExitCode {
                 run_foreground(&paths, &cli)
             }
         }
-        Command::NetManager => {
-            Err("the standalone NetManager is not implemented yet (issue #5)".into())
-        }
+        Command::NetManager => run_netmanager(&paths),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

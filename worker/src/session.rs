@@ -2,7 +2,9 @@
 //! client on the cluster's broker, publishes `information` and `jobs/resources` every report
 //! interval and each instance status change on `job`, and hands deploy/delete commands to the
 //! runtime boundary. It re-registers after every broker reconnect and on `control/error`
-//! (spec §2.3, §13.1). It does not run instances and does not wait on the runtime.
+//! (spec §2.3, §13.1). With the overlay (`auto`), it carries the overlay's MQTT messages on
+//! the same connection through `overlay::SessionLink`. It does not run instances and does not
+//! wait on the runtime.
 
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -18,6 +20,7 @@ use futures_lite::{FutureExt, StreamExt};
 use crate::backoff::{self, Backoff};
 use crate::mqtt::client::{self, Event as MqttEvent, Handle, Outgoing};
 use crate::outbox::Outbox;
+use crate::overlay::{self, MqttOp, SessionLink, ToOverlay};
 use crate::protocol::{self, topic, CsiDriverInfo, JobStatus, NodeInfo, ResourcesReport};
 use crate::register::{self, Registration};
 use crate::runtime_link::{self, StatusChange};
@@ -161,6 +164,7 @@ struct Session<'ex> {
     connected: bool,
     ever_connected: bool,
     outbox: Outbox,
+    overlay: Option<SessionLink>,
 }
 
 /// Runs the session until `stop` completes, then says goodbye to the broker (DISCONNECT, at
@@ -171,6 +175,18 @@ pub async fn run(
     tel: Arc<Telemetry>,
     ex: &LocalExecutor<'static>,
     stop: impl std::future::Future<Output = ()>,
+) {
+    run_with_overlay(cfg, rt, tel, ex, stop, None).await
+}
+
+/// [`run`], also carrying the overlay's messages (`OAK_NETWORK=auto`).
+pub async fn run_with_overlay(
+    cfg: Config,
+    rt: runtime_link::SessionSide,
+    tel: Arc<Telemetry>,
+    ex: &LocalExecutor<'static>,
+    stop: impl std::future::Future<Output = ()>,
+    overlay: Option<SessionLink>,
 ) {
     let host = Host::probe();
     if !host.cgroup.memory {
@@ -197,6 +213,7 @@ pub async fn run(
         client_task: None,
         connected: false,
         ever_connected: false,
+        overlay,
     };
     if s.ip.is_empty() {
         log::warn!("no non-loopback IPv4 address found; set OAK_PUBLIC_ADDRESS");
@@ -221,6 +238,7 @@ enum Wake {
     Reg(RegResult),
     Mqtt(Option<MqttEvent>),
     Runtime(Option<runtime_link::Event>),
+    Overlay(Option<MqttOp>),
 }
 
 impl<'ex> Session<'ex> {
@@ -256,8 +274,15 @@ impl<'ex> Session<'ex> {
                         Err(_) => std::future::pending().await,
                     }
                 };
+                let overlay_ops = self.overlay.as_ref().map(|o| &o.ops);
+                let overlay = async {
+                    match overlay_ops {
+                        Some(rx) => Wake::Overlay(rx.recv().await.ok()),
+                        None => std::future::pending().await,
+                    }
+                };
                 // Ticks first: a flood of messages must not starve the heartbeat.
-                tick.or(runtime).or(mqtt).or(reg).await
+                tick.or(runtime).or(mqtt).or(reg).or(overlay).await
             };
             match wake {
                 Wake::Tick => self.on_tick(),
@@ -272,6 +297,11 @@ impl<'ex> Session<'ex> {
                     }
                 }
                 Wake::Runtime(Some(ev)) => self.on_runtime(ev),
+                Wake::Overlay(Some(op)) => self.on_overlay(op),
+                Wake::Overlay(None) => {
+                    log::error!("the overlay stopped; its MQTT messages are no longer carried");
+                    self.overlay = None;
+                }
                 Wake::Runtime(None) => {
                     log::error!("the container runtime stopped; deploys will fail until the worker restarts");
                     self.rt_alive = false;
@@ -382,6 +412,10 @@ impl<'ex> Session<'ex> {
         }
         if changed || self.client.is_none() {
             self.reg = Some(reg.clone());
+            // Before the client starts, so the overlay knows its node id when Connected comes.
+            self.to_overlay(ToOverlay::Registered {
+                node_id: reg.node_id.clone(),
+            });
             self.start_client(&reg);
         }
     }
@@ -483,6 +517,7 @@ impl<'ex> Session<'ex> {
                     self.start_registration("broker reconnect");
                 }
                 self.ever_connected = true;
+                self.to_overlay(ToOverlay::Connected);
                 self.flush_outbox();
             }
             MqttEvent::Disconnected { reason } => {
@@ -502,6 +537,13 @@ impl<'ex> Session<'ex> {
 
     fn on_message(&mut self, t: &str, payload: &[u8]) {
         let own = self.reg.as_ref().map(|r| r.node_id.as_str());
+        if self.overlay.is_some() && own.is_some_and(|id| overlay::is_overlay_topic(id, t)) {
+            self.to_overlay(ToOverlay::Message {
+                topic: t.to_string(),
+                payload: payload.to_vec(),
+            });
+            return;
+        }
         match topic::parse(t) {
             Some((id, kind)) if Some(id) == own => match kind {
                 topic::Kind::Deploy => self.on_deploy(payload),
@@ -510,6 +552,34 @@ impl<'ex> Session<'ex> {
                 _ => self.unexpected(t),
             },
             _ => self.unexpected(t),
+        }
+    }
+
+    /// Hands a message to the overlay without waiting; a full link drops it (the overlay asks
+    /// again: subnet and query retries, resubscription on connect).
+    fn to_overlay(&self, m: ToOverlay) {
+        if let Some(o) = &self.overlay {
+            if o.to_overlay.try_send(m).is_err() {
+                self.tel.counters.overlay_dropped.fetch_add(1, Relaxed);
+                log::warn!("overlay busy: a message for it was dropped");
+            }
+        }
+    }
+
+    /// Carries out what the overlay asks. Its publishes are queued by the client even while
+    /// disconnected (QoS 1, resent), unlike periodic reports.
+    fn on_overlay(&mut self, op: MqttOp) {
+        let Some(c) = &self.client else {
+            self.tel.counters.overlay_dropped.fetch_add(1, Relaxed);
+            return;
+        };
+        let ok = match op {
+            MqttOp::Publish(out) => c.try_publish(out).is_ok(),
+            MqttOp::Subscribe(f) => c.subscribe(f),
+            MqttOp::Unsubscribe(f) => c.unsubscribe(f),
+        };
+        if !ok {
+            self.tel.counters.overlay_dropped.fetch_add(1, Relaxed);
         }
     }
 

@@ -33,6 +33,8 @@ pub struct Counters {
     pub status_queue_evicted: AtomicU64,
     pub invalid_runtime_status: AtomicU64,
     pub subscriptions_refused: AtomicU64,
+    /// Overlay messages not carried (link or client queue full); the overlay retries.
+    pub overlay_dropped: AtomicU64,
     /// `jobs/resources` samples the runtime could not take (containerd unreachable or slow).
     pub sample_failures: AtomicU64,
 }
@@ -332,6 +334,12 @@ impl Telemetry {
                 ("{topic=\"control/error\"}", l(&c.malformed_error)),
                 ("{topic=\"other\"}", l(&c.unexpected_topic)),
             ],
+        );
+        metric(
+            "overlay_messages_dropped_total",
+            "counter",
+            "Overlay MQTT messages not carried because a queue was full (retried by the overlay).",
+            &[("", l(&c.overlay_dropped))],
         );
         metric(
             "control_errors_total",

@@ -2,11 +2,13 @@
 //! worker crate's contract; a message that does not decode is logged (rate-limited by the log
 //! level: debug after the first per kind) and counted per topic kind, and handling of every
 //! other message goes on. The overlay's `nodes/+/net/...` payloads are validated here and
-//! handed on as [`NetRequest`]s; answering them needs the root (its network tables).
+//! handed on as [`NetRequest`]s; answering them needs the root (its network tables). Their
+//! payload types are netstack's (`netstack::control`), the overlay's one wire contract.
 
 use super::metrics::Metrics;
 use super::state::{ClusterState, Effect};
-use serde::Deserialize;
+pub use netstack::control::ServiceDeployed;
+use netstack::control::{InterestRemove, SubnetRequest, TableQueryRequest};
 use std::sync::atomic::AtomicU64;
 use worker::protocol::{self, topic, JobStatus, NodeInfo, ResourcesReport};
 
@@ -28,54 +30,6 @@ pub enum NetRequest {
     },
     /// `net/interest/remove`.
     InterestRemove { node_id: String, appname: String },
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-struct SubnetRequest {
-    #[serde(rename = "METHOD")]
-    method: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-struct TableQueryRequest {
-    #[serde(default)]
-    sname: String,
-    #[serde(default)]
-    sip: String,
-}
-
-/// `net/service/deployed`: where an instance's namespace landed. `host_port` is a string on this
-/// topic upstream (a number elsewhere); both are accepted.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct ServiceDeployed {
-    pub appname: String,
-    #[serde(default)]
-    pub status: String,
-    pub instance_number: u64,
-    #[serde(default)]
-    pub nsip: String,
-    #[serde(default)]
-    pub nsipv6: String,
-    #[serde(default, deserialize_with = "string_or_number")]
-    pub host_port: String,
-    #[serde(default)]
-    pub host_ip: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-struct InterestRemove {
-    appname: String,
-}
-
-fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    match serde_json::Value::deserialize(d)? {
-        serde_json::Value::String(s) => Ok(s),
-        serde_json::Value::Number(n) => Ok(n.to_string()),
-        serde_json::Value::Null => Ok(String::new()),
-        other => Err(serde::de::Error::custom(format!(
-            "expected a port, got {other}"
-        ))),
-    }
 }
 
 /// What one message led to.

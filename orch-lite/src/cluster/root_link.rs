@@ -6,6 +6,7 @@
 use super::handlers::{NetRequest, ServiceDeployed};
 use super::metrics::Metrics;
 use super::{now_ms, Shared};
+use netstack::control::{self, topic as net_topic, SubnetResult};
 use serde_json::{json, Value};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -213,12 +214,12 @@ fn net(sh: &Shared, root: Option<&Root>, req: NetRequest) {
     match req {
         NetRequest::Subnet { node_id } => match root.call("GET", "/api/net/subnet", None) {
             Ok(v) => {
-                let body = json!({
-                    "address": v.get("subnet_addr").cloned().unwrap_or_default(),
-                    "addressv6": v.get("subnet_addr_v6").cloned().unwrap_or_default(),
-                });
-                sh.sink
-                    .publish(format!("nodes/{node_id}/net/subnetwork/result"), &body);
+                let text = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+                let body = SubnetResult {
+                    address: text("subnet_addr"),
+                    addressv6: text("subnet_addr_v6"),
+                };
+                sh.sink.publish(net_topic::subnet_result(&node_id), &body);
             }
             Err(e) => log::warn!("subnet for worker {node_id}: root answered {e}"),
         },
@@ -245,46 +246,69 @@ fn net(sh: &Shared, root: Option<&Root>, req: NetRequest) {
                 Ok(doc) => table_result(&doc, &key),
                 Err(e) => {
                     log::info!("table query {key:?} from worker {node_id}: root answered {e}");
-                    json!({"app_name": "", "query_key": key, "instance_list": []})
+                    // upstream's "could not resolve" answer: the NetManager stops waiting
+                    control::TableQueryResult {
+                        app_name: Some(String::new()),
+                        query_key: Some(key),
+                        instance_list: Vec::new(),
+                    }
                 }
             };
             sh.sink
-                .publish(format!("nodes/{node_id}/net/tablequery/result"), &result);
+                .publish(net_topic::table_query_result(&node_id), &result);
         }
         NetRequest::ServiceDeployed { node_id, report } => deployed(sh, root, &node_id, report),
         NetRequest::InterestRemove { .. } => {}
     }
 }
 
-/// The root's table document → the NetManager's `tablequery/result` shape.
-fn table_result(doc: &Value, key: &str) -> Value {
-    let rr: Vec<Value> = doc
+/// The root's table document → the NetManager's `tablequery/result` (netstack's type, so the
+/// shape is the one the overlay decodes: `host_port` a number, `instance_ip` entries).
+fn table_result(doc: &Value, key: &str) -> control::TableQueryResult {
+    let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+    let rr: Vec<control::TqServiceIp> = doc
         .get("service_ip_list")
         .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let instances: Vec<Value> = doc
+        .into_iter()
+        .flatten()
+        .map(|s| control::TqServiceIp {
+            ip_type: text(s, "IpType").unwrap_or_default(),
+            address: text(s, "Address").unwrap_or_default(),
+            address_v6: text(s, "Address_v6"),
+        })
+        .collect();
+    let instance_list = doc
         .get("instance_list")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
         .map(|i| {
-            let mut ips = rr.clone();
-            ips.push(json!({"IpType": "instance_ip", "Address": i.get("instance_ip").cloned().unwrap_or_default(),
-                            "Address_v6": i.get("instance_ip_v6").cloned().unwrap_or_default()}));
+            let mut service_ip = rr.clone();
+            service_ip.push(control::TqServiceIp {
+                ip_type: "instance_ip".into(),
+                address: text(i, "instance_ip").unwrap_or_default(),
+                address_v6: text(i, "instance_ip_v6"),
+            });
             let port = match i.get("host_port") {
                 Some(Value::Number(n)) => n.as_u64().unwrap_or(0),
                 Some(Value::String(s)) => s.parse().unwrap_or(0),
                 _ => 0,
             };
-            json!({"instance_number": i.get("instance_number").cloned().unwrap_or_default(),
-                   "namespace_ip": i.get("namespace_ip").cloned().unwrap_or_default(),
-                   "namespace_ip_v6": i.get("namespace_ip_v6").cloned().unwrap_or_default(),
-                   "host_ip": i.get("host_ip").cloned().unwrap_or_default(),
-                   "host_port": port, "service_ip": ips})
+            control::TqInstance {
+                instance_number: i.get("instance_number").cloned().unwrap_or_default(),
+                namespace_ip: text(i, "namespace_ip"),
+                namespace_ip_v6: text(i, "namespace_ip_v6"),
+                host_ip: text(i, "host_ip"),
+                host_port: port.into(),
+                service_ip,
+            }
         })
         .collect();
-    json!({"app_name": doc.get("job_name").cloned().unwrap_or_default(), "query_key": key, "instance_list": instances})
+    control::TableQueryResult {
+        app_name: Some(text(doc, "job_name").unwrap_or_default()),
+        query_key: Some(key.to_string()),
+        instance_list,
+    }
 }
 
 fn deployed(sh: &Shared, root: &Root, node_id: &str, r: ServiceDeployed) {
@@ -298,12 +322,21 @@ fn deployed(sh: &Shared, root: &Root, node_id: &str, r: ServiceDeployed) {
     let body = json!({"job_id": job_id, "instances": [{
         "instance_number": r.instance_number, "namespace_ip": r.nsip, "namespace_ip_v6": r.nsipv6,
         "host_ip": r.host_ip, "host_port": r.host_port.parse::<u64>().unwrap_or(0)}]});
-    if let Err(e) = root.call("POST", "/api/net/service/net_deploy_status", Some(&body)) {
-        log::warn!(
+    match root.call("POST", "/api/net/service/net_deploy_status", Some(&body)) {
+        // Upstream's root then tells every interested cluster, whose service manager publishes
+        // this (spec overlay §4.2, §4.4); our root does not call clusters back, so the cluster
+        // that learnt it tells its own workers, which re-query (a new instance, or a moved one).
+        Ok(_) => sh.sink.publish(
+            net_topic::updates_available(&r.appname),
+            &control::UpdatesAvailable {
+                kind: "DEPLOYMENT".into(),
+            },
+        ),
+        Err(e) => log::warn!(
             "network status of {}.{} to the root: {e}",
             r.appname,
             r.instance_number
-        );
+        ),
     }
 }
 
@@ -317,7 +350,14 @@ mod tests {
             "service_ip_list":[{"IpType":"RR","Address":"10.30.1.30","Address_v6":"fdff:2000::1"}],
             "instance_list":[{"instance_number":0,"instance_ip":"10.30.0.3","instance_ip_v6":"fdff::3",
               "namespace_ip":"10.18.0.66","namespace_ip_v6":"fc00::102","host_ip":"198.51.100.20","host_port":"50103"}]});
-        let r = table_result(&doc, "10.30.1.30");
+        let typed = table_result(&doc, "10.30.1.30");
+        // what the worker's overlay makes of it
+        let u = typed
+            .validate(std::net::Ipv4Addr::new(10, 30, 0, 0), 16)
+            .unwrap();
+        assert_eq!((u.instances.len(), u.skipped), (1, 0));
+        assert_eq!(u.instances[0].node, "198.51.100.20:50103".parse().unwrap());
+        let r = serde_json::to_value(&typed).unwrap();
         assert_eq!(r["app_name"], "a.b.c.d");
         assert_eq!(
             r["instance_list"][0]["host_port"], 50103,

@@ -968,8 +968,8 @@ fn net_deploy_status(root: &Root, _: &Ctx, req: &Request) -> Response {
                 for (f, k) in [
                     (&mut inst.namespace_ip, "namespace_ip"),
                     (&mut inst.namespace_ip_v6, "namespace_ip_v6"),
-                    (&mut inst.host_ip, "host_ip"),
-                    (&mut inst.host_port, "host_port"),
+                    (&mut inst.tunnel_ip, "host_ip"),
+                    (&mut inst.tunnel_port, "host_port"),
                 ] {
                     if let Some(v) = text(k) {
                         *f = v;

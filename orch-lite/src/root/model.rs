@@ -107,6 +107,15 @@ pub struct Instance {
     pub namespace_ip: String,
     #[serde(default)]
     pub namespace_ip_v6: String,
+    /// The overlay tunnel endpoint of the instance's worker (`host_ip`/`host_port` of the
+    /// NetManager's `net_deploy_status`). Upstream keeps it in the service manager's own
+    /// database; here it shares the instance record, so it needs its own fields: the
+    /// cluster's status reports set `host_port` to the worker's API port (spec orchestrators
+    /// §4.3), which is not the tunnel port.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tunnel_ip: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tunnel_port: String,
     #[serde(default)]
     pub last_modified_timestamp: f64,
     /// Reported metrics as the cluster sent them (`cpu_percent`, `memory_percent`, `disk`,
@@ -131,6 +140,8 @@ impl Instance {
             publicip: String::new(),
             namespace_ip: String::new(),
             namespace_ip_v6: String::new(),
+            tunnel_ip: String::new(),
+            tunnel_port: String::new(),
             last_modified_timestamp: now,
             metrics: Map::new(),
         }
@@ -268,9 +279,9 @@ impl Job {
                 json!({"instance_number": i.instance_number, "instance_ip": i.instance_ip,
                        "instance_ip_v6": i.instance_ip_v6, "cluster_id": i.cluster_id,
                        "namespace_ip": i.namespace_ip, "namespace_ip_v6": i.namespace_ip_v6,
-                       "host_ip": i.host_ip,
+                       "host_ip": i.tunnel_ip,
                        // A number here: the NetManager's decoder requires it (spec overlay §4.1).
-                       "host_port": i.host_port.parse::<u64>().unwrap_or(0)})
+                       "host_port": i.tunnel_port.parse::<u64>().unwrap_or(0)})
             })
             .collect();
         json!({"_id": self.id(), "job_name": self.job_name, "app_name": self.app_name,

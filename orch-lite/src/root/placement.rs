@@ -142,6 +142,11 @@ pub fn move_instance(
             inst.host_ip.clear();
             inst.host_port.clear();
             inst.publicip.clear();
+            // the instance gets a new namespace on its new worker
+            inst.tunnel_ip.clear();
+            inst.tunnel_port.clear();
+            inst.namespace_ip.clear();
+            inst.namespace_ip_v6.clear();
             inst.last_modified_timestamp = now;
             job.status = Some(Status::ClusterScheduled);
             job.status_detail = Some(format!("instance {n} moved to cluster {cluster_id}"));

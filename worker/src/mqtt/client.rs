@@ -2,7 +2,9 @@
 //! command channel and reporting through a bounded event channel. It connects with a timeout,
 //! subscribes (QoS 1) on every connect, publishes at QoS 1 with PUBACK tracking in a bounded
 //! in-flight window (resent with DUP after a reconnect when the message asks for it), pings,
-//! and reconnects with capped backoff. It does not interpret topics or payloads.
+//! and reconnects with capped backoff. Subscriptions can also be added and removed while it
+//! runs (the overlay's per-job topics); those are kept, bounded, and renewed on every connect.
+//! It does not interpret topics or payloads.
 //!
 //! With [`Config::tls`] set it speaks TLS from the first byte (MQTTS, spec §10). Upstream's Go
 //! worker tries plain TCP first and TLS second on the same port; we drop that quirk: against a
@@ -78,6 +80,18 @@ pub struct Outgoing {
     pub resend: bool,
 }
 
+/// Most filters added with [`Handle::subscribe`] at a time; beyond it a subscribe is refused
+/// (reported as [`Event::SubscribeRefused`]) rather than growing without bound.
+pub const MAX_DYNAMIC_SUBSCRIPTIONS: usize = 1024;
+
+/// What the session asks of the client.
+#[derive(Debug, Clone, PartialEq)]
+enum Command {
+    Publish(Outgoing),
+    Subscribe(String),
+    Unsubscribe(String),
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// CONNACK accepted and the SUBSCRIBE sent.
@@ -110,7 +124,7 @@ pub struct Stats {
 /// The session's side of a client.
 #[derive(Debug, Clone)]
 pub struct Handle {
-    commands: Sender<Outgoing>,
+    commands: Sender<Command>,
     pub events: Receiver<Event>,
     pub stats: Arc<Stats>,
 }
@@ -120,9 +134,24 @@ impl Handle {
     /// delivering an event to the caller. `Err` gives the message back (queue full or client
     /// stopped).
     pub fn try_publish(&self, out: Outgoing) -> Result<(), Outgoing> {
-        self.commands.try_send(out).map_err(|e| match e {
-            TrySendError::Full(o) | TrySendError::Closed(o) => o,
-        })
+        match self.commands.try_send(Command::Publish(out)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(c) | TrySendError::Closed(c)) => match c {
+                Command::Publish(o) => Err(o),
+                _ => unreachable!("try_send gives back the command it was given"),
+            },
+        }
+    }
+
+    /// Adds a filter (QoS 1) now if connected, and on every later connect. Never waits; `false`
+    /// when the command queue is full or the client stopped (the caller asks again later).
+    pub fn subscribe(&self, filter: String) -> bool {
+        self.commands.try_send(Command::Subscribe(filter)).is_ok()
+    }
+
+    /// Removes a filter added with [`Handle::subscribe`]; never waits, like `subscribe`.
+    pub fn unsubscribe(&self, filter: String) -> bool {
+        self.commands.try_send(Command::Unsubscribe(filter)).is_ok()
     }
 
     /// Asks the client to send DISCONNECT and end; its task finishes soon after.
@@ -146,6 +175,8 @@ pub fn client(cfg: Config, stats: Arc<Stats>) -> (Handle, impl Future<Output = (
         inflight: VecDeque::new(),
         next_pid: 0,
         wbuf: Vec::new(),
+        dynamic: Vec::new(),
+        pending_subacks: VecDeque::new(),
     };
     let handle = Handle {
         commands: cmd_tx,
@@ -183,6 +214,7 @@ enum Incoming {
     },
     PubAck(u16),
     SubAck {
+        pid: u16,
         refused: Vec<usize>,
     },
     PingResp,
@@ -191,7 +223,7 @@ enum Incoming {
 
 struct Client {
     cfg: Config,
-    commands: Receiver<Outgoing>,
+    commands: Receiver<Command>,
     events: Sender<Event>,
     stats: Arc<Stats>,
     backoff: Backoff,
@@ -200,7 +232,15 @@ struct Client {
     /// Grows on demand up to `max_packet` + header, then is reused: no per-packet allocation.
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
+    /// Filters added at run time, in order, at most [`MAX_DYNAMIC_SUBSCRIPTIONS`].
+    dynamic: Vec<String>,
+    /// SUBSCRIBEs awaiting their SUBACK (pid, filters), to name a refused filter. Bounded: the
+    /// oldest is forgotten first (a broker answers in order).
+    pending_subacks: VecDeque<(u16, Vec<String>)>,
 }
+
+/// SUBSCRIBEs remembered for naming refusals.
+const PENDING_SUBACKS: usize = 32;
 
 fn lost(e: impl std::fmt::Display) -> End {
     End::Lost(e.to_string())
@@ -273,7 +313,14 @@ impl Client {
             match cmd {
                 None => return Ok(()),
                 Some(Err(_)) => return Err(()),
-                Some(Ok(out)) if out.resend && self.inflight.len() < self.cfg.inflight => {
+                // kept for the next connect; a refusal at the bound is logged there
+                Some(Ok(Command::Subscribe(f))) => {
+                    self.remember(f);
+                }
+                Some(Ok(Command::Unsubscribe(f))) => self.dynamic.retain(|d| *d != f),
+                Some(Ok(Command::Publish(out)))
+                    if out.resend && self.inflight.len() < self.cfg.inflight =>
+                {
                     let pid = self.alloc_pid();
                     self.inflight.push_back(Inflight {
                         pid,
@@ -284,12 +331,52 @@ impl Client {
                         dup: false,
                     });
                 }
-                Some(Ok(out)) => {
+                Some(Ok(Command::Publish(out))) => {
                     self.stats.dropped.fetch_add(1, Relaxed);
                     log::debug!("MQTT not connected: dropped a publish on {}", out.topic);
                 }
             }
         }
+    }
+
+    /// Adds a run-time filter; `false` if the bound is reached.
+    fn remember(&mut self, f: String) -> bool {
+        if self.dynamic.contains(&f) || self.cfg.subscriptions.contains(&f) {
+            return true;
+        }
+        if self.dynamic.len() >= MAX_DYNAMIC_SUBSCRIPTIONS {
+            log::error!(
+                "MQTT: not subscribing to {f:?}: {MAX_DYNAMIC_SUBSCRIPTIONS} run-time subscriptions already"
+            );
+            return false;
+        }
+        self.dynamic.push(f);
+        true
+    }
+
+    async fn subscribe<S: AsyncWrite + Unpin>(
+        &mut self,
+        s: &mut S,
+        filters: Vec<String>,
+    ) -> Result<(), End> {
+        if filters.is_empty() {
+            return Ok(());
+        }
+        let pid = self.alloc_pid();
+        let topics: Vec<(&str, QoS)> = filters
+            .iter()
+            .map(|t| (t.as_str(), QoS::AtLeastOnce))
+            .collect();
+        let p = Packet::Subscribe(codec::Subscribe {
+            pid,
+            topics: codec::Topics::List(&topics),
+        });
+        write_packet(s, &mut self.wbuf, &p, self.cfg.connect_timeout).await?;
+        if self.pending_subacks.len() >= PENDING_SUBACKS {
+            self.pending_subacks.pop_front();
+        }
+        self.pending_subacks.push_back((pid, filters));
+        Ok(())
     }
 
     fn alloc_pid(&mut self) -> u16 {
@@ -361,6 +448,7 @@ impl Client {
             },
             Packet::PubAck { pid } => Incoming::PubAck(pid),
             Packet::SubAck(s) => Incoming::SubAck {
+                pid: s.pid,
                 refused: s
                     .codes
                     .iter()
@@ -443,20 +531,15 @@ impl Client {
         self.backoff.reset();
         self.stats.connects.fetch_add(1, Relaxed);
 
-        if !self.cfg.subscriptions.is_empty() {
-            let pid = self.alloc_pid();
-            let topics: Vec<(&str, QoS)> = self
-                .cfg
-                .subscriptions
-                .iter()
-                .map(|t| (t.as_str(), QoS::AtLeastOnce))
-                .collect();
-            let p = Packet::Subscribe(codec::Subscribe {
-                pid,
-                topics: codec::Topics::List(&topics),
-            });
-            write_packet(s, &mut self.wbuf, &p, self.cfg.connect_timeout).await?;
-        }
+        self.pending_subacks.clear();
+        let all: Vec<String> = self
+            .cfg
+            .subscriptions
+            .iter()
+            .chain(self.dynamic.iter())
+            .cloned()
+            .collect();
+        self.subscribe(s, all).await?;
         // Unacknowledged messages from before the outage, oldest first.
         for i in 0..self.inflight.len() {
             self.send_inflight(s, i).await?;
@@ -491,7 +574,7 @@ impl Client {
         self.emit(Event::Connected).await?;
         enum Wake {
             Read(Result<(), End>),
-            Command(Result<Outgoing, async_channel::RecvError>),
+            Command(Result<Command, async_channel::RecvError>),
             Timer,
         }
         let ka = self.cfg.keep_alive;
@@ -520,9 +603,16 @@ impl Client {
                             self.stats.published.fetch_add(1, Relaxed);
                         }
                     }
-                    Incoming::SubAck { refused } => {
+                    Incoming::SubAck { pid, refused } => {
+                        let filters = self
+                            .pending_subacks
+                            .iter()
+                            .position(|(p, _)| *p == pid)
+                            .and_then(|i| self.pending_subacks.remove(i))
+                            .map(|(_, f)| f)
+                            .unwrap_or_default();
                         for i in refused {
-                            let filter = self.cfg.subscriptions.get(i).cloned().unwrap_or_default();
+                            let filter = filters.get(i).cloned().unwrap_or_default();
                             log::error!("MQTT broker refused the subscription to {filter:?}");
                             self.emit(Event::SubscribeRefused { filter }).await?;
                         }
@@ -575,7 +665,29 @@ impl Client {
             match wake {
                 Wake::Read(r) => r?,
                 Wake::Command(Err(_)) => return Err(End::Stopped),
-                Wake::Command(Ok(out)) => {
+                Wake::Command(Ok(Command::Subscribe(f))) => {
+                    if self.remember(f.clone()) {
+                        self.subscribe(s, vec![f]).await?;
+                        last_tx = Instant::now();
+                    } else {
+                        self.emit(Event::SubscribeRefused { filter: f }).await?;
+                    }
+                }
+                Wake::Command(Ok(Command::Unsubscribe(f))) => {
+                    let known = self.dynamic.len();
+                    self.dynamic.retain(|d| *d != f);
+                    if self.dynamic.len() != known {
+                        let pid = self.alloc_pid();
+                        let filters = [f.as_str()];
+                        let p = Packet::Unsubscribe(codec::Unsubscribe {
+                            pid,
+                            filters: codec::Filters::List(&filters),
+                        });
+                        self.write(s, &p).await?;
+                        last_tx = Instant::now();
+                    }
+                }
+                Wake::Command(Ok(Command::Publish(out))) => {
                     let probe = Packet::Publish(codec::Publish {
                         dup: false,
                         qos: QoS::AtLeastOnce,
