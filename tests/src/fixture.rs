@@ -126,6 +126,41 @@ impl Fixture {
         c
     }
 
+    /// Runs `ctr` in containerd namespace `ns`; its stdout, or its stderr as the error.
+    pub fn ctr_ok(&self, ns: &str, args: &[&str]) -> Result<String, String> {
+        let out = self
+            .ctr(ns)
+            .args(args)
+            .output()
+            .map_err(|e| format!("ctr {args:?}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "ctr {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Container ids in namespace `ns`.
+    pub fn containers(&self, ns: &str) -> Result<Vec<String>, String> {
+        Ok(self
+            .ctr_ok(ns, &["containers", "ls", "-q"])?
+            .lines()
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// Pid of a container's running task in namespace `ns` (`ctr tasks ls`: TASK PID STATUS).
+    pub fn task_pid(&self, ns: &str, id: &str) -> Result<Option<u32>, String> {
+        Ok(self.ctr_ok(ns, &["tasks", "ls"])?.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 3 && f[0] == id && f[2] == "RUNNING")
+                .then(|| f[1].parse().ok())
+                .flatten()
+        }))
+    }
+
     /// Environment a worker under test needs to use this fixture (socket, insecure registry,
     /// and the snapshotter that works under the fixture's directory).
     pub fn worker_env(&self) -> Vec<(String, String)> {

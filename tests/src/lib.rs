@@ -1,9 +1,13 @@
-//! Shared fixtures for the end-to-end tests (see `fixture`): real daemons started per test, and
-//! the guards that keep tests honest about root and about the machine's 2 cores.
+//! Shared fixtures for the end-to-end tests: real daemons started per test (`fixture`, `proc`),
+//! HTTP calls to their APIs (`api`), and the guards that keep tests honest about root and about the machine's 2 cores.
 
+pub mod api;
 pub mod fixture;
+pub mod proc;
 
+pub use api::{call, ok, wait_for};
 pub use fixture::{leftovers, Fixture};
+pub use proc::{binaries, free_port, Proc};
 
 use std::io::Write;
 use std::sync::{Mutex, MutexGuard};

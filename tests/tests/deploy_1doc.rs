@@ -5,11 +5,10 @@
 //! Without the overlay (landing separately) the client's fetch from 10.30.30.30 cannot work yet,
 //! so only that the client runs and logs is checked.
 
-use e2e::Fixture;
+use e2e::{binaries, call, free_port, ok, wait_for, Fixture, Proc};
 use serde_json::{json, Value};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const APP: &str = "clientsrvr";
@@ -57,248 +56,6 @@ fn sla(image: &str) -> Value {
             ]
         }]
     })
-}
-
-/// A daemon of the test, stopped politely (SIGTERM) or killed when dropped.
-struct Proc {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, cmd: &mut Command, log: PathBuf) -> Result<Proc, String> {
-        let file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-        let err = file.try_clone().map_err(|e| e.to_string())?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(file)
-            .stderr(err)
-            .spawn()
-            .map_err(|e| format!("cannot start {name}: {e}"))?;
-        Ok(Proc { name, child, log })
-    }
-
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// SIGTERM, then up to 10 s for a clean exit.
-    fn stop(&mut self) -> Result<ExitStatus, String> {
-        let pid = self.child.id().to_string();
-        if self.alive() {
-            let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(st)) => return Ok(st),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50))
-                }
-                _ => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    return Err(format!(
-                        "{} (pid {pid}) ignored SIGTERM for 10 s",
-                        self.name
-                    ));
-                }
-            }
-        }
-    }
-
-    fn tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.alive() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-/// `NodeEngine` and `orch-lite` of this build, next to this test binary. `cargo test
-/// --workspace` builds them first (both packages have integration tests), so they are used as
-/// they are when newer than every source they come from; otherwise (`cargo test -p e2e` after an
-/// edit) they are built, so the test never runs stale binaries. Always building would not do:
-/// `cargo build` unifies features differently from `cargo test` and would relink them each run.
-fn binaries() -> Result<(PathBuf, PathBuf), String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    // <target>/<profile>/deps/<test binary>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| format!("unexpected test binary path {}", exe.display()))?
-        .to_path_buf();
-    let (ne, ol) = (
-        profile_dir.join("NodeEngine"),
-        profile_dir.join("orch-lite"),
-    );
-    let repo = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
-    let sources = ["worker", "orch-lite", "netstack", "Cargo.lock"].map(|p| repo.join(p));
-    let newest_source = sources.iter().filter_map(|p| newest(p)).max();
-    let built = [&ne, &ol]
-        .iter()
-        .map(|b| std::fs::metadata(b).and_then(|m| m.modified()).ok())
-        .min()
-        .flatten();
-    if built.is_some() && built >= newest_source {
-        return Ok((ne, ol));
-    }
-    let cargo = option_env!("CARGO").unwrap_or("cargo");
-    let mut build = Command::new(cargo);
-    build.args([
-        "build",
-        "-q",
-        "-p",
-        "worker",
-        "--bin",
-        "NodeEngine",
-        "-p",
-        "orch-lite",
-        "--bin",
-        "orch-lite",
-    ]);
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        build.arg("--release");
-    }
-    if let Some(target_dir) = profile_dir.parent() {
-        build.arg("--target-dir").arg(target_dir);
-    }
-    let st = build
-        .current_dir(repo)
-        .status()
-        .map_err(|e| format!("cannot run {cargo} build: {e}"))?;
-    if !st.success() || !ne.exists() || !ol.exists() {
-        return Err(format!(
-            "{} or {} missing ({cargo} build: {st}): run `cargo build -p worker -p orch-lite` first",
-            ne.display(),
-            ol.display()
-        ));
-    }
-    Ok((ne, ol))
-}
-
-/// Latest modification time of a file, or of any file under a directory (skipping `target`).
-fn newest(p: &Path) -> Option<std::time::SystemTime> {
-    let meta = std::fs::metadata(p).ok()?;
-    if !meta.is_dir() {
-        return meta.modified().ok();
-    }
-    std::fs::read_dir(p)
-        .ok()?
-        .flatten()
-        .filter(|e| e.file_name() != "target")
-        .filter_map(|e| newest(&e.path()))
-        .max()
-}
-
-/// One JSON request; any HTTP status is an answer, only transport failures are errors.
-fn call(
-    method: &str,
-    url: &str,
-    token: Option<&str>,
-    body: Option<&Value>,
-) -> Result<(u16, Value), String> {
-    let mut req = ureq::request(method, url).timeout(Duration::from_secs(10));
-    if let Some(t) = token {
-        req = req.set("Authorization", &format!("Bearer {t}"));
-    }
-    let res = match body {
-        Some(b) => req.send_json(b.clone()),
-        None => req.call(),
-    };
-    let resp = match res {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => return Err(format!("{method} {url}: {e}")),
-    };
-    let code = resp.status();
-    let text = resp
-        .into_string()
-        .map_err(|e| format!("{method} {url}: {e}"))?;
-    Ok((
-        code,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    ))
-}
-
-fn ok(method: &str, url: &str, token: Option<&str>, body: Option<&Value>) -> Result<Value, String> {
-    match call(method, url, token, body)? {
-        (200, v) => Ok(v),
-        (c, v) => Err(format!("{method} {url} answered {c}: {v}")),
-    }
-}
-
-/// Polls `f` every 50 ms until it yields a value; its last error (or the last "not yet" note)
-/// goes into the timeout message.
-fn wait_for<T>(
-    what: &str,
-    limit: Duration,
-    mut f: impl FnMut() -> Result<Option<T>, String>,
-) -> Result<T, String> {
-    let deadline = Instant::now() + limit;
-    let mut last = String::new();
-    loop {
-        match f() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last = e,
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "timed out after {} s waiting for {what}; last: {last}",
-                limit.as_secs()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn ctr(fx: &Fixture, args: &[&str]) -> Result<String, String> {
-    let out = fx
-        .ctr("oakestra")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ctr {args:?}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "ctr {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn containers(fx: &Fixture) -> Result<Vec<String>, String> {
-    Ok(ctr(fx, &["containers", "ls", "-q"])?
-        .lines()
-        .map(str::to_owned)
-        .collect())
-}
-
-/// Pid of a container's running task (`ctr tasks ls`: TASK PID STATUS).
-fn task_pid(fx: &Fixture, id: &str) -> Result<Option<u32>, String> {
-    Ok(ctr(fx, &["tasks", "ls"])?.lines().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.len() == 3 && f[0] == id && f[2] == "RUNNING")
-            .then(|| f[1].parse().ok())
-            .flatten()
-    }))
 }
 
 struct Service {
@@ -461,20 +218,23 @@ fn scenario(w: &World, started: Instant) -> Result<Vec<Duration>, String> {
         latencies.push(d);
     }
 
-    let ids = containers(fx)?;
+    let ids = fx.containers("oakestra")?;
     for s in [&server, &client] {
         let id = s.container();
         assert!(ids.contains(&id), "container {id} not in {ids:?}");
-        let info = ctr(fx, &["containers", "info", &id])?;
+        let info = fx.ctr_ok("oakestra", &["containers", "info", &id])?;
         assert!(
             info.contains("\"hostname\": \"instance-0\""),
             "hostname of {id}: {info}"
         );
-        assert!(task_pid(fx, &id)?.is_some(), "no running task for {id}");
+        assert!(
+            fx.task_pid("oakestra", &id)?.is_some(),
+            "no running task for {id}"
+        );
     }
     // The server answers inside its own network namespace (no overlay: loopback only).
-    let page = ctr(
-        fx,
+    let page = fx.ctr_ok(
+        "oakestra",
         &[
             "tasks",
             "exec",
@@ -506,7 +266,7 @@ fn scenario(w: &World, started: Instant) -> Result<Vec<Duration>, String> {
     );
 
     // Undeploy the client: gone from containerd, and from the root's instance list.
-    let pid = task_pid(fx, &client.container())?;
+    let pid = fx.task_pid("oakestra", &client.container())?;
     let t0 = Instant::now();
     ok(
         "DELETE",
@@ -517,7 +277,7 @@ fn scenario(w: &World, started: Instant) -> Result<Vec<Duration>, String> {
     wait_for(
         "the client container to leave containerd",
         Duration::from_secs(20),
-        || Ok((!containers(fx)?.contains(&client.container())).then_some(())),
+        || Ok((!fx.containers("oakestra")?.contains(&client.container())).then_some(())),
     )?;
     println!(
         "undeploy {}: {} ms until the container is gone",
@@ -632,7 +392,8 @@ fn clientsrvr_deploys_runs_and_undeploys() {
     };
 
     // Instances outlive the worker (adopted at its next start); the fixture removes them.
-    let server_pid = task_pid(&fx, "clientsrvr.test.server.test.instance.0")
+    let server_pid = fx
+        .task_pid("oakestra", "clientsrvr.test.server.test.instance.0")
         .ok()
         .flatten();
     let st = ne.stop().unwrap_or_else(|e| panic!("{e}\n{}", ne.tail(20)));
