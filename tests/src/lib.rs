@@ -1,9 +1,10 @@
 //! Shared fixtures for the end-to-end tests: real daemons started per test (`fixture`, `proc`),
-//! HTTP calls to their APIs (`api`), and the guards that keep tests honest about root and about the machine's 2 cores.
+//! HTTP calls to their APIs (`api`), the root API as a user drives it (`root`), and the guards that keep tests honest about root and about the machine's 2 cores.
 
 pub mod api;
 pub mod fixture;
 pub mod proc;
+pub mod root;
 
 pub use api::{call, ok, wait_for};
 pub use fixture::{leftovers, Fixture};

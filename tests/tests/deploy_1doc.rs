@@ -5,7 +5,8 @@
 //! Without the overlay (landing separately) the client's fetch from 10.30.30.30 cannot work yet,
 //! so only that the client runs and logs is checked.
 
-use e2e::{binaries, call, free_port, ok, wait_for, Fixture, Proc};
+use e2e::root::Root;
+use e2e::{binaries, free_port, ok, wait_for, Fixture, Proc};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::Command;
@@ -58,99 +59,18 @@ fn sla(image: &str) -> Value {
     })
 }
 
-struct Service {
-    id: String,
-    job_name: String,
-}
-
-impl Service {
-    fn container(&self) -> String {
-        format!("{}.instance.0", self.job_name)
-    }
-}
-
 struct World<'a> {
     fx: &'a Fixture,
-    root: String,
+    root: Root,
     cluster: String,
     status: String,
     work: PathBuf,
-    token: String,
-}
-
-impl World<'_> {
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.root)
-    }
-
-    fn service(&self, id: &str) -> Result<Value, String> {
-        ok(
-            "GET",
-            &self.url(&format!("/api/service/{id}")),
-            Some(&self.token),
-            None,
-        )
-    }
-
-    fn instance_status(&self, id: &str) -> Result<Option<String>, String> {
-        let s = self.service(id)?;
-        Ok(s["instance_list"]
-            .as_array()
-            .and_then(|l| l.iter().find(|i| i["instance_number"] == 0))
-            .and_then(|i| i["status"].as_str())
-            .map(str::to_owned))
-    }
-
-    /// POST instance → RUNNING at the root; returns the latency. A FAILED instance ends the
-    /// wait with its reason.
-    fn deploy(&self, s: &Service) -> Result<Duration, String> {
-        let t0 = Instant::now();
-        let r = ok(
-            "POST",
-            &self.url(&format!("/api/service/{}/instance", s.id)),
-            Some(&self.token),
-            None,
-        )?;
-        if r["instance_number"] != 0 {
-            return Err(format!("deploy of {} answered {r}", s.job_name));
-        }
-        let deadline = t0 + Duration::from_secs(40);
-        loop {
-            match self.instance_status(&s.id)?.as_deref() {
-                Some("RUNNING") => return Ok(t0.elapsed()),
-                // Terminal: no point in waiting for the deadline.
-                Some(st @ ("FAILED" | "DEAD" | "NO_WORKER_CAPACITY" | "NO_NODE_FOUND")) => {
-                    let detail = &self.service(&s.id)?["instance_list"][0]["status_detail"];
-                    return Err(format!("{} became {st}: {detail}", s.job_name));
-                }
-                st if Instant::now() >= deadline => {
-                    return Err(format!(
-                        "{} not RUNNING after 40 s (status {st:?})",
-                        s.job_name
-                    ))
-                }
-                _ => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
-    }
 }
 
 fn scenario(w: &World, started: Instant) -> Result<Vec<Duration>, String> {
     let fx = w.fx;
     // The worker registers, and the root hears of the cluster's new capacity.
-    wait_for(
-        "the root to list the cluster with one worker",
-        Duration::from_secs(30),
-        || {
-            let (_, v) = call("GET", &w.url("/api/clusters/active"), Some(&w.token), None)?;
-            Ok(v.as_array()
-                .is_some_and(|l| {
-                    l.iter()
-                        .any(|c| c["active_nodes"].as_u64().unwrap_or(0) >= 1)
-                })
-                .then_some(()))
-        },
-    )?;
+    w.root.wait_workers(1, Duration::from_secs(30))?;
     println!(
         "the root sees the worker after {:.1} s",
         started.elapsed().as_secs_f64()
@@ -174,34 +94,8 @@ fn scenario(w: &World, started: Instant) -> Result<Vec<Duration>, String> {
     assert_eq!(status["containerd"]["state"], "connected", "{status}");
     assert_eq!(status["registration"], "registered", "{status}");
 
-    let apps = ok(
-        "POST",
-        &w.url("/api/application/"),
-        Some(&w.token),
-        Some(&sla(&fx.image)),
-    )?;
-    let app_id = apps
-        .as_array()
-        .and_then(|l| l.iter().find(|a| a["application_name"] == APP))
-        .and_then(|a| a["applicationID"].as_str())
-        .ok_or_else(|| format!("no {APP} in {apps}"))?
-        .to_owned();
-    let jobs = ok(
-        "GET",
-        &w.url(&format!("/api/services/{app_id}")),
-        Some(&w.token),
-        None,
-    )?;
-    let find = |name: &str| -> Result<Service, String> {
-        let j = jobs
-            .as_array()
-            .and_then(|l| l.iter().find(|j| j["microservice_name"] == name))
-            .ok_or_else(|| format!("no service {name} in {jobs}"))?;
-        Ok(Service {
-            id: j["_id"]["$oid"].as_str().unwrap_or_default().to_owned(),
-            job_name: j["job_name"].as_str().unwrap_or_default().to_owned(),
-        })
-    };
+    let app_id = w.root.create_app(&sla(&fx.image), APP)?;
+    let find = |name: &str| w.root.find_service(&app_id, name);
     let (server, client) = (find("server")?, find("client")?);
     assert_eq!(server.job_name, "clientsrvr.test.server.test");
 
@@ -209,7 +103,7 @@ fn scenario(w: &World, started: Instant) -> Result<Vec<Duration>, String> {
     // image in containerd.
     let mut latencies = Vec::new();
     for s in [&server, &client] {
-        let d = w.deploy(s)?;
+        let (_, d) = w.root.deploy(s, Duration::from_secs(40))?;
         println!(
             "deploy latency {}: {} ms (POST instance -> RUNNING at the root)",
             s.job_name,
@@ -220,7 +114,7 @@ fn scenario(w: &World, started: Instant) -> Result<Vec<Duration>, String> {
 
     let ids = fx.containers("oakestra")?;
     for s in [&server, &client] {
-        let id = s.container();
+        let id = s.container(0);
         assert!(ids.contains(&id), "container {id} not in {ids:?}");
         let info = fx.ctr_ok("oakestra", &["containers", "info", &id])?;
         assert!(
@@ -240,7 +134,7 @@ fn scenario(w: &World, started: Instant) -> Result<Vec<Duration>, String> {
             "exec",
             "--exec-id",
             "e2e-probe",
-            &server.container(),
+            &server.container(0),
             "wget",
             "-q",
             "-O",
@@ -252,7 +146,7 @@ fn scenario(w: &World, started: Instant) -> Result<Vec<Duration>, String> {
         page.contains("OAK_FIXTURE_HTTPD_OK"),
         "server answered {page:?}"
     );
-    let client_log = w.work.join("logs").join(client.container());
+    let client_log = w.work.join("logs").join(client.container(0));
     wait_for("the client's log file", Duration::from_secs(10), || {
         Ok(client_log.exists().then_some(()))
     })?;
@@ -266,25 +160,20 @@ fn scenario(w: &World, started: Instant) -> Result<Vec<Duration>, String> {
     );
 
     // Undeploy the client: gone from containerd, and from the root's instance list.
-    let pid = fx.task_pid("oakestra", &client.container())?;
+    let pid = fx.task_pid("oakestra", &client.container(0))?;
     let t0 = Instant::now();
-    ok(
-        "DELETE",
-        &w.url(&format!("/api/service/{}/instance/0", client.id)),
-        Some(&w.token),
-        None,
-    )?;
+    w.root.undeploy(&client, 0)?;
     wait_for(
         "the client container to leave containerd",
         Duration::from_secs(20),
-        || Ok((!fx.containers("oakestra")?.contains(&client.container())).then_some(())),
+        || Ok((!fx.containers("oakestra")?.contains(&client.container(0))).then_some(())),
     )?;
     println!(
         "undeploy {}: {} ms until the container is gone",
         client.job_name,
         t0.elapsed().as_millis()
     );
-    let job = w.service(&client.id)?;
+    let job = w.root.service(&client.id)?;
     assert_eq!(job["instance_list"], json!([]), "{job}");
     assert_eq!(job["status"], "UNDEPLOYED", "{job}");
     if let Some(pid) = pid {
@@ -294,7 +183,10 @@ fn scenario(w: &World, started: Instant) -> Result<Vec<Duration>, String> {
         );
     }
     // The server is untouched.
-    assert_eq!(w.instance_status(&server.id)?.as_deref(), Some("RUNNING"));
+    assert_eq!(
+        w.root.instance_status(&server.id, 0)?.as_deref(),
+        Some("RUNNING")
+    );
     Ok(latencies)
 }
 
@@ -345,23 +237,15 @@ fn clientsrvr_deploys_runs_and_undeploys() {
         work.join("orch-lite.log"),
     )
     .unwrap();
-    let mut w = World {
+    let root_client = Root::login(&root, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n--- orch-lite log:\n{}", orch.tail(30)));
+    let w = World {
         fx: &fx,
-        root: root.clone(),
+        root: root_client,
         cluster: format!("127.0.0.1:{cluster_port}"),
         status,
         work: work.clone(),
-        token: String::new(),
     };
-    let login = json!({"username": "Admin", "password": "Admin"});
-    w.token = wait_for("the root API", Duration::from_secs(20), || {
-        match call("POST", &w.url("/api/auth/login"), None, Some(&login)) {
-            Ok((200, v)) => Ok(v["token"].as_str().map(str::to_owned)),
-            Ok((c, v)) => Err(format!("login answered {c}: {v}")),
-            Err(e) => Err(e),
-        }
-    })
-    .unwrap_or_else(|e| panic!("{e}\n--- orch-lite log:\n{}", orch.tail(30)));
 
     let mut worker = Command::new(&node_engine);
     worker
