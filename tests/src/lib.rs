@@ -1,7 +1,8 @@
-//! Shared fixtures for the end-to-end tests: real daemons started per test (`fixture`, `proc`),
+//! Shared fixtures for the end-to-end tests: real daemons started per test (`fixture`, `proc`, `daemons`),
 //! HTTP calls to their APIs (`api`), the root API as a user drives it (`root`), and the guards that keep tests honest about root and about the machine's 2 cores.
 
 pub mod api;
+pub mod daemons;
 pub mod fixture;
 pub mod proc;
 pub mod root;

@@ -6,10 +6,9 @@
 //! so only that the client runs and logs is checked.
 
 use e2e::root::Root;
-use e2e::{binaries, free_port, ok, wait_for, Fixture, Proc};
+use e2e::{binaries, daemons, free_port, ok, wait_for, Fixture, Proc};
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const APP: &str = "clientsrvr";
@@ -146,7 +145,7 @@ fn scenario(w: &World, started: Instant) -> Result<Vec<Duration>, String> {
         page.contains("OAK_FIXTURE_HTTPD_OK"),
         "server answered {page:?}"
     );
-    let client_log = w.work.join("logs").join(client.container(0));
+    let client_log = w.work.join("e2e-worker/logs").join(client.container(0));
     wait_for("the client's log file", Duration::from_secs(10), || {
         Ok(client_log.exists().then_some(()))
     })?;
@@ -223,17 +222,11 @@ fn clientsrvr_deploys_runs_and_undeploys() {
     let status = format!("127.0.0.1:{status_port}");
     let mut orch = Proc::spawn(
         "orch-lite",
-        Command::new(&orch_lite)
-            .arg("all")
-            .env("RUST_LOG", "info")
-            .env("OAK_DATA_DIR", work.join("orch-lite"))
+        daemons::orch_lite(&orch_lite, "all", &work, "orch-lite")
             .env("OAK_ROOT_API_ADDR", &root)
             .env("OAK_CLUSTER_API_ADDR", format!("127.0.0.1:{cluster_port}"))
             .env("OAK_MQTT_ADDR", format!("127.0.0.1:{mqtt_port}"))
-            .env("OAK_CLUSTER_NAME", "e2e")
-            .env("OAK_CLUSTER_REPORT_INTERVAL_MS", "500")
-            .env_remove("OAK_JOIN_TOKEN")
-            .env_remove("OAK_ADMIN_PASSWORD"),
+            .env("OAK_CLUSTER_NAME", "e2e"),
         work.join("orch-lite.log"),
     )
     .unwrap();
@@ -247,22 +240,15 @@ fn clientsrvr_deploys_runs_and_undeploys() {
         work: work.clone(),
     };
 
-    let mut worker = Command::new(&node_engine);
-    worker
-        .args(["-a", "127.0.0.1", "-p", &cluster_port.to_string()])
-        .env("RUST_LOG", "info")
-        .env("OAK_NODE_NAME", "e2e-worker")
-        .env("OAK_CONFIG_DIR", work.join("etc"))
-        .env("OAK_NETCFG", work.join("etc/netcfg.json"))
-        .env("OAK_STATE_DIR", work.join("state"))
-        .env("OAK_APP_LOGS", work.join("logs"))
-        .env("OAK_NETWORK", "off")
-        .env("OAK_STATUS_ADDR", &w.status)
-        .env("OAK_REPORT_INTERVAL_MS", "500")
-        .env_remove("OAK_JOIN_TOKEN");
-    for (k, v) in fx.worker_env() {
-        worker.env(k, v);
-    }
+    let mut worker = daemons::worker(
+        &node_engine,
+        &work,
+        "e2e-worker",
+        "127.0.0.1",
+        cluster_port,
+        &w.status,
+        &fx,
+    );
     let mut ne = Proc::spawn("NodeEngine", &mut worker, work.join("worker.log")).unwrap();
 
     let result = scenario(&w, started);
