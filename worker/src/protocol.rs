@@ -161,6 +161,36 @@ pub struct CsiDriverInfo {
     pub csi_driver_endpoint: String,
 }
 
+/// Keys of upstream's node document (spec §4.1), in its order: what the stock cluster manager
+/// reads from a registration and from every `information` report.
+pub const UPSTREAM_NODE_KEYS: [&str; 26] = [
+    "id",
+    "host",
+    "ip",
+    "port",
+    "system_info",
+    "cpu_percent",
+    "vcpus",
+    "architecture",
+    "memory_percent",
+    "memory",
+    "disk_info",
+    "network_info",
+    "gpu_driver",
+    "gpu_usage",
+    "vgpus",
+    "gpu_temp",
+    "vram_percent",
+    "vram",
+    "virtualization",
+    "supported_addons",
+    "csi_drivers",
+    "Overlay",
+    "OverlaySocket",
+    "LogDirectory",
+    "NetManagerPort",
+    "ClusterAddress",
+];
 /// The node document: the registration body and (with only the dynamic fields filled) the
 /// `information` report (spec §4). Every key is always present, in upstream's order; the four
 /// capitalised keys are Go field names upstream never tagged.
@@ -702,34 +732,7 @@ mod tests {
     fn node_info_has_every_upstream_key() {
         let v = serde_json::to_value(NodeInfo::default()).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
-        for k in [
-            "id",
-            "host",
-            "ip",
-            "port",
-            "system_info",
-            "cpu_percent",
-            "vcpus",
-            "architecture",
-            "memory_percent",
-            "memory",
-            "disk_info",
-            "network_info",
-            "gpu_driver",
-            "gpu_usage",
-            "vgpus",
-            "gpu_temp",
-            "vram_percent",
-            "vram",
-            "virtualization",
-            "supported_addons",
-            "csi_drivers",
-            "Overlay",
-            "OverlaySocket",
-            "LogDirectory",
-            "NetManagerPort",
-            "ClusterAddress",
-        ] {
+        for k in UPSTREAM_NODE_KEYS {
             assert!(keys.contains(&k), "missing {k}");
         }
         assert!(!keys.contains(&"token"), "token only when set");

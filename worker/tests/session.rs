@@ -10,36 +10,6 @@ use session_support::*;
 
 const S: Duration = Duration::from_secs(1);
 
-/// Keys of upstream's node document (spec §4.1), in its order.
-const NODE_KEYS: [&str; 26] = [
-    "id",
-    "host",
-    "ip",
-    "port",
-    "system_info",
-    "cpu_percent",
-    "vcpus",
-    "architecture",
-    "memory_percent",
-    "memory",
-    "disk_info",
-    "network_info",
-    "gpu_driver",
-    "gpu_usage",
-    "vgpus",
-    "gpu_temp",
-    "vram_percent",
-    "vram",
-    "virtualization",
-    "supported_addons",
-    "csi_drivers",
-    "Overlay",
-    "OverlaySocket",
-    "LogDirectory",
-    "NetManagerPort",
-    "ClusterAddress",
-];
-
 fn topic(suffix: &str) -> String {
     format!("nodes/{NODE_ID}/{suffix}")
 }
@@ -67,7 +37,7 @@ fn registers_reports_and_answers_deploys() {
         .keys()
         .map(String::as_str)
         .collect();
-    let mut want = NODE_KEYS.to_vec();
+    let mut want = worker::protocol::UPSTREAM_NODE_KEYS.to_vec();
     want.sort_unstable();
     let mut got = keys.clone();
     got.sort_unstable();
