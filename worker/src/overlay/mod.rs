@@ -11,6 +11,7 @@
 //! `manual`) carries its messages.
 
 pub mod api;
+pub mod manual;
 pub mod netns;
 
 use std::cell::RefCell;
