@@ -1,8 +1,11 @@
 //! Node plumbing through netlink (spec overlay-network §3.1 step 5 and §3.2): the bridge at
 //! `S+1/26`, one veth pair per instance whose inner end is born inside the instance's network
 //! namespace with `S+k/26` and a default route via the bridge, and IPv4 forwarding. What it
-//! creates it removes on detach and on drop, and on start it deletes what a previous run left
-//! (same names). Not here yet: port publishing, iptables/nftables rules, IPv6 addresses.
+//! creates it removes on detach and on drop, unless told to leave it for the next run
+//! ([`Plumbing::leave_in_place`]): instances outlive the worker, so their links must too.
+//! [`Plumbing::adopt`] takes such links back and deletes only those no survivor claims.
+//! Port publishing is not here (no iptables/nftables at all): the worker forwards published
+//! ports in userspace (`worker::overlay::ports`). Not here either: IPv6 addresses.
 
 use crate::netlink::Netlink;
 use std::collections::BTreeMap;
@@ -75,6 +78,8 @@ pub struct Plumbing {
     bridge_index: i32,
     pool: AddressPool,
     attached: BTreeMap<u8, Attachment>,
+    /// Set by [`Plumbing::leave_in_place`]: drop removes nothing.
+    leave: bool,
 }
 
 fn offset(s: Ipv4Addr, k: u8) -> Ipv4Addr {
@@ -85,18 +90,7 @@ impl Plumbing {
     /// Builds the bridge for `subnet` (a /26 network address) in the calling thread's
     /// network namespace, after removing leftovers of a previous run.
     pub fn setup(cfg: PlumbingConfig, subnet: Ipv4Addr) -> io::Result<Plumbing> {
-        if u32::from(subnet) & 63 != 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{subnet} is not a /26 network address"),
-            ));
-        }
-        if cfg.veth_prefix.len() + 2 > 15 || cfg.bridge.len() > 15 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "bridge name and veth prefix (+2 digits) must fit in 15 characters",
-            ));
-        }
+        check(&cfg, subnet)?;
         let mut nl = Netlink::open()?;
         let removed = remove_leftovers(&mut nl, &cfg)?;
         if removed > 0 {
@@ -116,7 +110,90 @@ impl Plumbing {
             bridge_index,
             pool: AddressPool::default(),
             attached: BTreeMap::new(),
+            leave: false,
         })
+    }
+
+    /// Takes over the bridge and veths a previous run left with [`Plumbing::leave_in_place`]:
+    /// the veth of each address in `keep` stays (with its address in the instance, untouched,
+    /// so open connections survive); every other link of ours goes. The bridge is re-made if
+    /// it is missing. Returns the addresses actually found wired; the others need a fresh
+    /// [`Plumbing::attach`].
+    pub fn adopt(
+        cfg: PlumbingConfig,
+        subnet: Ipv4Addr,
+        keep: &[Ipv4Addr],
+    ) -> io::Result<(Plumbing, Vec<Ipv4Addr>)> {
+        check(&cfg, subnet)?;
+        let mut nl = Netlink::open()?;
+        let links = nl.links()?;
+        let bridge = links.iter().find(|l| l.name == cfg.bridge).map(|l| l.index);
+        let bridge_index = match bridge {
+            Some(i) => i,
+            None => {
+                nl.add_bridge(&cfg.bridge, cfg.mtu)?;
+                nl.index(&cfg.bridge)?
+            }
+        };
+        match nl.add_addr(bridge_index, offset(subnet, 1), 26) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+        nl.set_up(bridge_index)?;
+        let mut pool = AddressPool::default();
+        let mut attached = BTreeMap::new();
+        let mut removed = 0;
+        for l in &links {
+            let Some(k) = veth_number(&cfg, &l.name) else {
+                continue;
+            };
+            let nsip = u8::try_from(k).ok().map(|k| (k, offset(subnet, k)));
+            match nsip {
+                Some((k, ip))
+                    if keep.contains(&ip)
+                        && l.master == Some(bridge_index)
+                        && (AddressPool::FIRST..=AddressPool::LAST).contains(&k) =>
+                {
+                    pool.used |= 1u64 << k;
+                    attached.insert(
+                        k,
+                        Attachment {
+                            nsip: ip,
+                            host_veth: l.name.clone(),
+                        },
+                    );
+                }
+                _ => match nl.del_link(l.index) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {}
+                    Err(e) => return Err(e),
+                },
+            }
+        }
+        if removed > 0 {
+            log::info!("removed {removed} overlay veths no surviving instance uses");
+        }
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1")
+            .map_err(|e| io::Error::new(e.kind(), format!("enable net.ipv4.ip_forward: {e}")))?;
+        let kept = attached.values().map(|a: &Attachment| a.nsip).collect();
+        Ok((
+            Plumbing {
+                cfg,
+                nl,
+                subnet,
+                bridge_index,
+                pool,
+                attached,
+                leave: false,
+            },
+            kept,
+        ))
+    }
+
+    /// Leaves the bridge and every veth as they are (the instances keep running without the
+    /// worker); the next run takes them back with [`Plumbing::adopt`].
+    pub fn leave_in_place(mut self) {
+        self.leave = true;
     }
 
     pub fn subnet(&self) -> Ipv4Addr {
@@ -213,20 +290,45 @@ impl Plumbing {
 
 impl Drop for Plumbing {
     fn drop(&mut self) {
+        if self.leave {
+            return;
+        }
         if let Err(e) = self.remove_all() {
             log::warn!("removing the overlay bridge and veths failed: {e}");
         }
     }
 }
 
+fn check(cfg: &PlumbingConfig, subnet: Ipv4Addr) -> io::Result<()> {
+    if u32::from(subnet) & 63 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{subnet} is not a /26 network address"),
+        ));
+    }
+    if cfg.veth_prefix.len() + 2 > 15 || cfg.bridge.len() > 15 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "bridge name and veth prefix (+2 digits) must fit in 15 characters",
+        ));
+    }
+    Ok(())
+}
+
+/// `k` of a host veth named `<veth_prefix><k>`.
+fn veth_number(cfg: &PlumbingConfig, name: &str) -> Option<u32> {
+    name.strip_prefix(&cfg.veth_prefix)
+        .filter(|rest| {
+            !rest.is_empty() && rest.len() <= 3 && rest.bytes().all(|b| b.is_ascii_digit())
+        })
+        .and_then(|rest| rest.parse().ok())
+}
+
 /// Deletes our bridge and every link named `<veth_prefix><digits>`; returns how many.
 fn remove_leftovers(nl: &mut Netlink, cfg: &PlumbingConfig) -> io::Result<usize> {
     let mut n = 0;
     for l in nl.links()? {
-        let ours_veth = l
-            .name
-            .strip_prefix(&cfg.veth_prefix)
-            .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()));
+        let ours_veth = veth_number(cfg, &l.name).is_some();
         if ours_veth || l.name == cfg.bridge {
             match nl.del_link(l.index) {
                 Ok(()) => n += 1,

@@ -113,14 +113,7 @@ fn run_foreground(paths: &Paths, cli: &Overrides) -> Result<(), String> {
             let ocfg = overlay::OverlayConfig::from_settings(&settings)?;
             Some(overlay::Overlay::start(ocfg)?)
         }
-        NetworkMode::Manual(sock) => {
-            log::warn!(
-                "network manual ({}): using an external NetManager from NodeEngine is not part of this build yet; instances get loopback only",
-                sock.display()
-            );
-            None
-        }
-        NetworkMode::Off => None,
+        NetworkMode::Manual(_) | NetworkMode::Off => None,
     };
     write_pid_file(&settings.state_dir);
     let telemetry = Telemetry::new(
@@ -132,18 +125,27 @@ fn run_foreground(paths: &Paths, cli: &Overrides) -> Result<(), String> {
     log::info!("status endpoint on http://{}/status", settings.status_addr);
     let ex = async_executor::LocalExecutor::new();
     let (session_side, runtime_side) = runtime_link::link(cfg.runtime_capacity);
-    let (overlay, overlay_link) = match overlay {
-        Some((o, link, task)) => {
-            ex.spawn(task).detach();
-            (Some(o), Some(link))
-        }
-        None => (None, None),
-    };
-    // The overlay is the runtime's Network seam: a named netns per instance, joined at create.
-    let network: std::rc::Rc<dyn runtime::Network> = match &overlay {
-        Some(o) => std::rc::Rc::new(o.clone()),
-        None => std::rc::Rc::new(runtime::NoNetwork),
-    };
+    // The overlay (or, in manual mode, the NetManager client) is the runtime's Network seam: a
+    // named netns per instance, joined at create.
+    let (overlay, overlay_link, network): (_, _, std::rc::Rc<dyn runtime::Network>) =
+        match (overlay, &settings.network) {
+            (Some((o, link, task)), _) => {
+                ex.spawn(task).detach();
+                (Some(o.clone()), Some(link), std::rc::Rc::new(o))
+            }
+            (None, NetworkMode::Manual(sock)) => {
+                log::info!(
+                    "network manual: instances are wired by the NetManager at {}",
+                    sock.display()
+                );
+                let mcfg =
+                    overlay::manual::ManualClientConfig::new(sock, &settings.cluster_address);
+                let (net, link, task) = overlay::manual::ManualNetwork::new(mcfg);
+                ex.spawn(task).detach();
+                (None, Some(link), std::rc::Rc::new(net))
+            }
+            (None, _) => (None, None, std::rc::Rc::new(runtime::NoNetwork)),
+        };
     let pull = image::PullConfig::from_env(settings.insecure_registries.clone());
     let rt_cfg = runtime_adapter::runtime_config(&settings, &pull);
     let puller = runtime_adapter::RegistryPuller::new(&rt_cfg, pull, telemetry.images.clone());

@@ -188,7 +188,7 @@ fn start_worker(ns: &str, name: &str, ip: Ipv4Addr, www: PathBuf) -> Worker {
             Some(link),
         )));
         drop(rt);
-        overlay.shutdown();
+        overlay.teardown();
     });
     Worker {
         stop: stop_tx,

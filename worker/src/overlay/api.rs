@@ -166,7 +166,7 @@ pub async fn run(
     nm.serve(rx).or(stop).await;
     server.unblock();
     let _ = std::fs::remove_file(&nm.cfg.socket);
-    nm.overlay.shutdown();
+    nm.overlay.teardown();
     if let Some(c) = nm.client.take() {
         c.close();
     }

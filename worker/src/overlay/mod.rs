@@ -1,11 +1,17 @@
 //! The overlay inside the worker (`OAK_NETWORK=auto`) or alone (`NetManager`): netstack's
 //! data plane, plumbing and MQTT conversation, wired to an MQTT connection through a bounded
 //! [`SessionLink`] and to the container runtime through [`crate::runtime::Network`]. It owns
-//! the host state it creates (TUN, bridge, veths, one named netns per instance) and removes it
-//! on detach and on shutdown. It does not own an MQTT connection: a cluster session (`auto`)
-//! or the local API's own client ([`api`], `manual`) carries its messages.
+//! the host state it creates (TUN, bridge, veths, one named netns per instance). Detach removes
+//! an instance's part. A worker stop ([`Overlay::shutdown`]) leaves running instances wired:
+//! containers outlive the worker, so their namespace, veth and address stay, and the next start
+//! re-attaches them from the records under the state dir (same subnet, same addresses, tables
+//! rebuilt, `service/deployed` sent again); only what no live instance uses is cleaned.
+//! [`Overlay::teardown`] removes everything (the stand-alone NetManager's exit). It does not own
+//! an MQTT connection: a cluster session (`auto`) or the local API's own client ([`api`],
+//! `manual`) carries its messages.
 
 pub mod api;
+pub mod manual;
 pub mod netns;
 
 use std::cell::RefCell;
@@ -146,6 +152,21 @@ impl std::error::Error for OverlayError {}
 struct Local {
     nsip: Ipv4Addr,
     netns: PathBuf,
+    job: JobName,
+    n: u32,
+}
+
+/// What a restart needs to take an instance back: one JSON file per owned namespace under
+/// `<state_dir>/netns/`, written before the namespace is made (a crash is then cleaned too).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Record {
+    netns: PathBuf,
+    job: String,
+    instance: u32,
+    /// None until the veth is wired.
+    nsip: Option<Ipv4Addr>,
+    #[serde(default)]
+    ports: String,
 }
 
 struct Inner {
@@ -157,6 +178,11 @@ struct Inner {
     plumbing: Option<Plumbing>,
     subnet: Option<NodeSubnet>,
     local: BTreeMap<String, Local>,
+    /// Instances that survived a restart, waiting for the bridge to be re-attached.
+    survivors: Vec<(String, Record)>,
+    /// Instances to report again with `service/deployed` once the session is connected (all of
+    /// them after a new registration: the cluster may know this worker under a new id).
+    announce: Vec<String>,
     ops: Sender<MqttOp>,
     ops_dropped: u64,
     stopped: bool,
@@ -185,7 +211,15 @@ impl Overlay {
     pub fn start(
         cfg: OverlayConfig,
     ) -> Result<(Overlay, SessionLink, impl Future<Output = ()>), String> {
-        remove_leftover_namespaces(&cfg);
+        let survivors = recover(&cfg);
+        // The subnet is only worth keeping while instances are on it; without them the
+        // cluster's fresh answer is used.
+        let kept_subnet = if survivors.is_empty() {
+            let _ = std::fs::remove_file(subnet_file(&cfg));
+            None
+        } else {
+            read_subnet(&cfg)
+        };
         let dp = Dataplane::open(&cfg.dataplane).map_err(|e| {
             format!(
                 "overlay: cannot open TUN {} / tunnel {}: {e}",
@@ -228,11 +262,25 @@ impl Overlay {
                 plumbing: None,
                 subnet: None,
                 local: BTreeMap::new(),
+                survivors,
+                announce: Vec::new(),
                 ops: ops_tx,
                 ops_dropped: 0,
                 stopped: false,
             })),
         };
+        {
+            let mut i = overlay.inner.borrow_mut();
+            if !i.survivors.is_empty() {
+                log::info!(
+                    "overlay: {} instances survived the last stop; re-attaching them",
+                    i.survivors.len()
+                );
+            }
+            if let Some(s) = kept_subnet {
+                i.on_subnet(s);
+            }
+        }
         let task = overlay.clone().run(from_session, events);
         Ok((overlay, SessionLink { to_overlay, ops }, task))
     }
@@ -362,10 +410,17 @@ impl Overlay {
         self.inner.borrow().subnet
     }
 
-    /// Removes everything: instance veths and namespaces, the bridge, the TUN device. The
-    /// task ends at its next wake-up.
+    /// A worker stop: the TUN device and tunnel go, running instances stay wired (namespace,
+    /// veth, address, bridge) for the next start to re-attach. With no instances left this is
+    /// [`Overlay::teardown`]. The task ends at its next wake-up.
     pub fn shutdown(&self) {
-        self.inner.borrow_mut().shutdown();
+        self.inner.borrow_mut().shutdown(true);
+    }
+
+    /// Removes everything: instance veths and namespaces, the bridge, the TUN device (also
+    /// done on drop without a prior shutdown).
+    pub fn teardown(&self) {
+        self.inner.borrow_mut().shutdown(false);
     }
 }
 
@@ -414,6 +469,7 @@ impl Inner {
                     self.cfg.max_subscriptions,
                 ));
                 self.node = Some(node_id);
+                self.announce = self.local.keys().cloned().collect();
             }
             ToOverlay::Connected => {
                 let out = match self.session.as_mut() {
@@ -421,6 +477,7 @@ impl Inner {
                     None => Vec::new(),
                 };
                 self.apply(out);
+                self.announce_pending();
             }
             ToOverlay::Message { topic, payload } => {
                 let out = match self.session.as_mut() {
@@ -462,6 +519,29 @@ impl Inner {
         }
     }
 
+    /// `service/deployed` for instances that were wired while no session could say so.
+    fn announce_pending(&mut self) {
+        if self.session.is_none() || self.announce.is_empty() {
+            return;
+        }
+        let Ok(node) = self.advertised() else {
+            log::warn!("overlay: no address to advertise; instances are announced later");
+            return;
+        };
+        let now = self.now();
+        for key in std::mem::take(&mut self.announce) {
+            let Some(l) = self.local.get(&key) else {
+                continue;
+            };
+            let (job, n, nsip) = (l.job.clone(), l.n, l.nsip);
+            let out = match self.session.as_mut() {
+                Some(s) => s.deployed(now, &job, n, nsip, None, node),
+                None => Vec::new(),
+            };
+            self.apply(out);
+        }
+    }
+
     fn on_subnet(&mut self, s: NodeSubnet) {
         if let Some(old) = self.subnet {
             if old != s {
@@ -473,8 +553,14 @@ impl Inner {
             }
             return;
         }
-        match Plumbing::setup(self.cfg.plumbing.clone(), s.v4) {
-            Ok(p) => {
+        let built = if self.survivors.is_empty() {
+            Plumbing::setup(self.cfg.plumbing.clone(), s.v4).map(|p| (p, Vec::new()))
+        } else {
+            let keep: Vec<Ipv4Addr> = self.survivors.iter().filter_map(|(_, r)| r.nsip).collect();
+            Plumbing::adopt(self.cfg.plumbing.clone(), s.v4, &keep)
+        };
+        match built {
+            Ok((p, kept)) => {
                 log::info!(
                     "overlay: subnet {}/26, bridge {} at {}",
                     s.v4,
@@ -483,9 +569,15 @@ impl Inner {
                 );
                 self.plumbing = Some(p);
                 self.subnet = Some(s);
+                if let Err(e) = write_subnet(&self.cfg, s) {
+                    log::warn!(
+                        "overlay: cannot record the subnet ({e}); a restart re-wires instances"
+                    );
+                }
                 if let Some(dp) = &self.dp {
                     dp.send(Command::SetSubnet(s));
                 }
+                self.reattach(&kept);
             }
             // Deploys keep failing with "no subnet" and say why in the log.
             Err(e) => log::error!("overlay: cannot build the bridge for {}: {e}", s.v4),
@@ -511,28 +603,131 @@ impl Inner {
         if let Some(l) = self.local.get(container_id) {
             return Ok((l.netns.clone(), l.nsip));
         }
-        let marker = self.cfg.state_dir.join("netns").join(container_id);
-        let path = netns::create(&self.cfg.netns_dir, container_id)
-            .map_err(|e| OverlayError::Netns(container_id.into(), e))?;
+        let mut rec = Record {
+            netns: self.cfg.netns_dir.join(container_id),
+            job: job.to_string(),
+            instance: n,
+            nsip: None,
+            ports: String::new(),
+        };
         // Written before anything else can fail: a crash from here on is cleaned at start.
-        if let Err(e) = marker
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| std::fs::write(&marker, path.as_os_str().as_encoded_bytes()))
-        {
-            log::warn!(
-                "overlay: cannot record {} ({e}); a crash would leave the namespace behind",
-                marker.display()
-            );
-        }
+        self.write_record(container_id, &rec);
+        let path = match netns::create(&self.cfg.netns_dir, container_id) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = std::fs::remove_file(self.record_path(container_id));
+                return Err(OverlayError::Netns(container_id.into(), e));
+            }
+        };
         match self.connect(container_id, &path, true, job, n) {
-            Ok(nsip) => Ok((path, nsip)),
+            Ok(nsip) => {
+                rec.nsip = Some(nsip);
+                self.write_record(container_id, &rec);
+                Ok((path, nsip))
+            }
             Err(e) => {
                 let _ = netns::remove(&path);
-                let _ = std::fs::remove_file(&marker);
+                let _ = std::fs::remove_file(self.record_path(container_id));
                 Err(e)
             }
         }
+    }
+
+    fn record_path(&self, key: &str) -> PathBuf {
+        self.cfg.state_dir.join("netns").join(key)
+    }
+
+    fn write_record(&self, key: &str, rec: &Record) {
+        let path = self.record_path(key);
+        let r = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| {
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, serde_json::to_vec(rec).unwrap_or_default())?;
+                std::fs::rename(&tmp, &path)
+            });
+        if let Err(e) = r {
+            log::warn!(
+                "overlay: cannot record {} ({e}); a restart would not re-attach it",
+                path.display()
+            );
+        }
+    }
+
+    /// Brings the survivors of the last stop back: those whose veth is still on the bridge
+    /// (`kept`) are registered as they are, the others get a fresh veth in their namespace.
+    fn reattach(&mut self, kept: &[Ipv4Addr]) {
+        for (key, rec) in std::mem::take(&mut self.survivors) {
+            let job = match JobName::parse(&rec.job) {
+                Ok(j) => j,
+                Err(e) => {
+                    log::warn!(
+                        "overlay: record of {key} names job {:?}: {e}; its namespace is removed",
+                        rec.job
+                    );
+                    self.remove_owned_netns(&key, &rec.netns);
+                    continue;
+                }
+            };
+            let in_place = rec.nsip.filter(|ip| kept.contains(ip));
+            let r = match in_place {
+                Some(nsip) => self.register(&key, &rec.netns, &job, rec.instance, nsip),
+                None => self.connect(&key, &rec.netns, true, &job, rec.instance),
+            };
+            match r {
+                Ok(nsip) => {
+                    log::info!(
+                        "overlay: {key} re-attached at {nsip}{}",
+                        if in_place.is_some() {
+                            " (in place)"
+                        } else {
+                            " (new veth)"
+                        }
+                    );
+                    if in_place.is_none() {
+                        let rec = Record {
+                            nsip: Some(nsip),
+                            ..rec
+                        };
+                        self.write_record(&key, &rec);
+                    }
+                    if !self.announce.contains(&key) {
+                        self.announce.push(key);
+                    }
+                }
+                // Its netns stays (the container runs in it); the runtime's undeploy removes it.
+                Err(e) => log::error!("overlay: cannot re-attach {key}: {e}"),
+            }
+        }
+        self.announce_pending();
+    }
+
+    /// A survivor whose veth is in place: data plane entry only.
+    fn register(
+        &mut self,
+        key: &str,
+        netns: &Path,
+        job: &JobName,
+        n: u32,
+        nsip: Ipv4Addr,
+    ) -> Result<Ipv4Addr, OverlayError> {
+        match &self.dp {
+            Some(dp) => dp
+                .deploy_local(job.clone(), n, nsip)
+                .map_err(|e| OverlayError::Dataplane(format!("{e:?}")))?,
+            None => return Err(OverlayError::Stopped),
+        };
+        self.local.insert(
+            key.to_string(),
+            Local {
+                nsip,
+                netns: netns.to_path_buf(),
+                job: job.clone(),
+                n,
+            },
+        );
+        Ok(nsip)
     }
 
     /// Veth into `netns`, data plane entry, `service/deployed`. Undoes its own steps on error.
@@ -576,6 +771,8 @@ impl Inner {
                 } else {
                     PathBuf::new()
                 },
+                job: job.clone(),
+                n,
             },
         );
         let now = self.now();
@@ -589,8 +786,9 @@ impl Inner {
 
     fn detach(&mut self, key: &str) {
         let Some(l) = self.local.remove(key) else {
-            // Never attached here, or already detached; a namespace left by a crash of this
-            // run is still removed.
+            // Never attached here, already detached, or a survivor of the last stop not yet
+            // re-attached; a namespace left by a crash of this run is still removed.
+            self.survivors.retain(|(k, _)| k != key);
             self.remove_owned_netns(key, &self.cfg.netns_dir.join(key));
             return;
         };
@@ -609,7 +807,7 @@ impl Inner {
     }
 
     fn remove_owned_netns(&self, key: &str, path: &Path) {
-        let marker = self.cfg.state_dir.join("netns").join(key);
+        let marker = self.record_path(key);
         if !marker.exists() {
             return;
         }
@@ -619,19 +817,34 @@ impl Inner {
         let _ = std::fs::remove_file(&marker);
     }
 
-    fn shutdown(&mut self) {
+    fn shutdown(&mut self, keep_instances: bool) {
         if self.stopped {
             return;
         }
         self.stopped = true;
-        let keys: Vec<String> = self.local.keys().cloned().collect();
-        for k in keys {
-            self.detach(&k);
-        }
-        if let Some(p) = self.plumbing.take() {
-            if let Err(e) = p.teardown() {
-                log::warn!("overlay: removing the bridge: {e}");
+        let keep = keep_instances && !(self.local.is_empty() && self.survivors.is_empty());
+        if keep {
+            if let Some(p) = self.plumbing.take() {
+                p.leave_in_place();
             }
+            log::info!(
+                "overlay: {} instances stay wired for the next start (undeploy them to remove their network)",
+                self.local.len() + self.survivors.len()
+            );
+        } else {
+            let keys: Vec<String> = self.local.keys().cloned().collect();
+            for k in keys {
+                self.detach(&k);
+            }
+            for (k, rec) in std::mem::take(&mut self.survivors) {
+                self.remove_owned_netns(&k, &rec.netns);
+            }
+            if let Some(p) = self.plumbing.take() {
+                if let Err(e) = p.teardown() {
+                    log::warn!("overlay: removing the bridge: {e}");
+                }
+            }
+            let _ = std::fs::remove_file(subnet_file(&self.cfg));
         }
         if let Some(dp) = self.dp.take() {
             if let Some(st) = dp.stop() {
@@ -649,38 +862,97 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.shutdown();
+        self.shutdown(false);
     }
 }
 
-/// Namespaces recorded by a previous run of this worker (markers under the state dir).
-fn remove_leftover_namespaces(cfg: &OverlayConfig) {
+fn subnet_file(cfg: &OverlayConfig) -> PathBuf {
+    cfg.state_dir.join("subnet")
+}
+
+fn read_subnet(cfg: &OverlayConfig) -> Option<NodeSubnet> {
+    let text = std::fs::read_to_string(subnet_file(cfg)).ok()?;
+    let v4: Ipv4Addr = text.trim().parse().ok()?;
+    (u32::from(v4) & 63 == 0).then_some(NodeSubnet { v4, v6: None })
+}
+
+fn write_subnet(cfg: &OverlayConfig, s: NodeSubnet) -> std::io::Result<()> {
+    std::fs::create_dir_all(&cfg.state_dir)?;
+    std::fs::write(subnet_file(cfg), format!("{}\n", s.v4))
+}
+
+/// Reads the records a previous run left: instances whose namespace a process still uses
+/// are returned (to re-attach); the namespaces of the others are removed with their records.
+fn recover(cfg: &OverlayConfig) -> Vec<(String, Record)> {
     let dir = cfg.state_dir.join("netns");
     let Ok(rd) = std::fs::read_dir(&dir) else {
-        return;
+        return Vec::new();
     };
-    let mut n = 0;
+    let in_use = namespaces_in_use();
+    let mut alive = Vec::new();
+    let mut removed = 0;
     for e in rd.flatten() {
         let marker = e.path();
-        let path = std::fs::read(&marker)
+        let Some(key) = e.file_name().to_str().map(str::to_string) else {
+            let _ = std::fs::remove_file(&marker);
+            continue;
+        };
+        if key.ends_with(".tmp") {
+            let _ = std::fs::remove_file(&marker);
+            continue;
+        }
+        let rec: Option<Record> = std::fs::read(&marker)
             .ok()
-            .and_then(|b| String::from_utf8(b).ok())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| cfg.netns_dir.join(e.file_name()));
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let path = rec
+            .as_ref()
+            .map(|r| r.netns.clone())
+            .unwrap_or_else(|| cfg.netns_dir.join(&key));
         // Only ever paths under our namespace directory, whatever the file says.
         if path.parent() != Some(cfg.netns_dir.as_path()) {
             let _ = std::fs::remove_file(&marker);
             continue;
         }
-        match netns::remove(&path) {
-            Ok(()) => n += 1,
-            Err(e) => log::warn!("overlay: leftover {e}"),
+        let live = rec.is_some() && ns_id(&path).is_some_and(|id| in_use.contains(&id));
+        match rec {
+            Some(r) if live => alive.push((key, r)),
+            _ => {
+                match netns::remove(&path) {
+                    Ok(()) => removed += 1,
+                    Err(e) => log::warn!("overlay: leftover {e}"),
+                }
+                let _ = std::fs::remove_file(&marker);
+            }
         }
-        let _ = std::fs::remove_file(&marker);
     }
-    if n > 0 {
-        log::info!("overlay: removed {n} instance namespaces left by a previous run");
+    if removed > 0 {
+        log::info!("overlay: removed {removed} instance namespaces no process uses any more");
     }
+    alive
+}
+
+/// (device, inode) of a network namespace file.
+fn ns_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// The network namespaces some process is in (`/proc/<pid>/ns/net`), read once at start.
+fn namespaces_in_use() -> std::collections::BTreeSet<(u64, u64)> {
+    let mut out = std::collections::BTreeSet::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        if !name.as_encoded_bytes().iter().all(u8::is_ascii_digit) {
+            continue;
+        }
+        if let Some(id) = ns_id(&e.path().join("ns/net")) {
+            out.insert(id);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
