@@ -4,8 +4,10 @@
 pub mod api;
 pub mod daemons;
 pub mod fixture;
+pub mod mosquitto;
 pub mod proc;
 pub mod root;
+pub mod topology;
 
 pub use api::{call, ok, wait_for};
 pub use fixture::{leftovers, Fixture};

@@ -1,6 +1,8 @@
 //! The cluster's MQTT client: connects to the broker (embedded, over loopback, or external),
 //! subscribes to the worker topics at QoS 1 on every connection (clean session), and feeds each
 //! message to the handlers. Reconnects forever with a capped backoff; never exits on bad input.
+//! The state hears of every loss and return of the connection, so worker liveness is not judged
+//! while the cluster itself cannot hear the workers.
 
 use super::handlers;
 use super::{now_ms, Shared};
@@ -40,6 +42,7 @@ pub async fn run(sh: Arc<Shared>, client: AsyncClient, mut events: EventLoop) {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 log::info!("connected to the MQTT broker");
                 sh.set_mqtt_connected(true);
+                sh.lock().broker_up(now_ms());
                 backoff = Duration::from_millis(200);
                 for f in SUBSCRIPTIONS {
                     if let Err(e) = client.try_subscribe(f, QoS::AtLeastOnce) {
@@ -60,6 +63,7 @@ pub async fn run(sh: Arc<Shared>, client: AsyncClient, mut events: EventLoop) {
             Ok(_) => {}
             Err(e) => {
                 sh.set_mqtt_connected(false);
+                sh.lock().broker_down(now_ms());
                 log::warn!(
                     "MQTT connection: {e}; retrying in {} ms",
                     backoff.as_millis()

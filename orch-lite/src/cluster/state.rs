@@ -75,6 +75,19 @@ pub struct ClusterState {
     pub metrics: Arc<Metrics>,
     id_seed: [u8; 5],
     id_counter: u32,
+    broker: BrokerLink,
+}
+
+/// The cluster's own connection to the MQTT broker, as liveness needs it: while the cluster
+/// cannot hear anyone, a worker's silence is not the worker's fault, so it must not fail the
+/// worker's instances (a broker restart would otherwise kill every running instance of the
+/// cluster after the node timeout, and the cluster would redeploy them).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum BrokerLink {
+    /// Connected since this unix ms: nothing could be heard before it.
+    Up { since: u64 },
+    /// Disconnected since this unix ms: silence is judged as of that moment.
+    Down { since: u64 },
 }
 
 /// A 24-hex id shaped like a MongoDB ObjectId (seconds, 5 random bytes, counter), because
@@ -160,6 +173,51 @@ impl ClusterState {
             metrics,
             id_seed: random_seed(),
             id_counter: 0,
+            broker: BrokerLink::Up { since: now },
+        }
+    }
+
+    /// The cluster lost its broker connection: liveness and instance timers stop until
+    /// [`broker_up`](Self::broker_up).
+    pub fn broker_down(&mut self, now: u64) {
+        if let BrokerLink::Up { .. } = self.broker {
+            self.broker = BrokerLink::Down { since: now };
+        }
+    }
+
+    /// The cluster is connected again: workers get a full node timeout from now to be heard
+    /// (their `last_seen` stays what it was, so the status shows the real silence), and the
+    /// instances' report timers restart, as after a cluster restart.
+    pub fn broker_up(&mut self, now: u64) {
+        if let BrokerLink::Down { since } = self.broker {
+            log::info!(
+                "broker connection back after {} s: worker liveness and instance timers restart",
+                now.saturating_sub(since) / 1000
+            );
+            for i in self.instances.values_mut() {
+                i.since_ms = i.since_ms.max(now);
+                if i.last_report_ms != 0 {
+                    i.last_report_ms = i.last_report_ms.max(now);
+                }
+            }
+        }
+        self.broker = BrokerLink::Up { since: now };
+    }
+
+    /// The moment a worker was last heard of as liveness counts it: never before the cluster's
+    /// broker connection came up, and with the clock stopped while it is down.
+    fn heard_ms(&self, last_seen_ms: u64) -> u64 {
+        match self.broker {
+            BrokerLink::Up { since } => last_seen_ms.max(since),
+            BrokerLink::Down { .. } => last_seen_ms,
+        }
+    }
+
+    /// `now` as liveness sees it: frozen at the disconnection while the broker is away.
+    fn liveness_now(&self, now: u64) -> u64 {
+        match self.broker {
+            BrokerLink::Up { .. } => now,
+            BrokerLink::Down { since } => since.min(now),
         }
     }
 
@@ -207,7 +265,9 @@ impl ClusterState {
     }
 
     fn active(&self, n: &Node, now: u64) -> bool {
-        now.saturating_sub(n.last_seen_ms) < self.cfg.timeouts.node_silence_ms
+        self.liveness_now(now)
+            .saturating_sub(self.heard_ms(n.last_seen_ms))
+            < self.cfg.timeouts.node_silence_ms
     }
 
     // ---------------------------------------------------------------- registration
@@ -672,6 +732,10 @@ impl ClusterState {
 
     /// Drives every instance's timeouts.
     pub fn tick(&mut self, now: u64) -> Vec<Effect> {
+        if let BrokerLink::Down { .. } = self.broker {
+            // Nothing the workers say can arrive, and nothing we send would: wait.
+            return Vec::new();
+        }
         let keys: Vec<(String, Option<u64>)> = self
             .instances
             .iter()
@@ -680,7 +744,7 @@ impl ClusterState {
                     .worker_id
                     .as_ref()
                     .and_then(|w| self.nodes.get(w))
-                    .map(|n| n.last_seen_ms);
+                    .map(|n| self.heard_ms(n.last_seen_ms));
                 (k.clone(), seen)
             })
             .collect();

@@ -305,7 +305,60 @@ pub fn apply_report(
         Some(Value::Array(a)) => a.as_slice(),
         Some(_) => return Err(ReportError::Body("jobs: must be an array".into())),
     };
-    Ok(merge_jobs(state, cluster_id, jobs, now))
+    let out = merge_jobs(state, cluster_id, jobs, now);
+    if body.get("jobs").is_some_and(Value::is_array) {
+        drop_vanished(state, cluster_id, jobs);
+    }
+    Ok(out)
+}
+
+/// A full report lists every instance the cluster holds. An instance the cluster had taken on
+/// (it reported it past CLUSTER_SCHEDULED) but no longer lists was removed there, e.g. undeployed
+/// through the cluster's API while the root was away, whose push the root never got: the root
+/// drops it as its own undeploy does, instead of showing it RUNNING for ever. Instances still
+/// waiting for the cluster to take them are left alone (their deploy call may be in flight).
+fn drop_vanished(state: &mut State, cluster_id: &str, jobs: &[Value]) {
+    let listed = |job_id: &str, n: u64| {
+        jobs.iter()
+            .filter(|e| job_id_of(e) == Some(job_id))
+            .filter_map(|e| e.get("instance_list").and_then(Value::as_array))
+            .flatten()
+            .any(|i| i.get("instance_number").and_then(count) == Some(n))
+    };
+    let mut freed = Vec::new();
+    for job in &mut state.jobs {
+        let job_id = job.id().to_string();
+        let before = job.instance_list.len();
+        job.instance_list.retain(|i| {
+            let gone = i.cluster_id == cluster_id
+                && !matches!(
+                    i.status,
+                    Status::Requested | Status::ClusterScheduled | Status::Completed
+                )
+                && !listed(&job_id, i.instance_number);
+            if gone {
+                log::warn!(
+                    "cluster {cluster_id} no longer holds instance {job_id}/{} ({}): dropped",
+                    i.instance_number,
+                    i.status
+                );
+                freed.push((i.instance_ip.clone(), i.instance_ip_v6.clone()));
+            }
+            !gone
+        });
+        if job.instance_list.len() != before {
+            match aggregate_status(&job.instance_list) {
+                Some(s) => job.status = Some(s),
+                None => {
+                    job.status = Some(Status::Undeployed);
+                    job.status_detail = Some("all instances removed at the cluster".into());
+                }
+            }
+        }
+    }
+    for (v4, v6) in freed {
+        state.release_instance_ips(&v4, &v6);
+    }
 }
 
 /// `POST /api/information/<cluster_id>/jobs` (CLUSTER_CONTRACT §1.3).
@@ -457,16 +510,23 @@ pub fn aggregate_status(instances: &[Instance]) -> Option<Status> {
 // ---------------------------------------------------------------- liveness
 
 /// Whether any instance sits on a cluster silent for longer than `timeout_secs` (cheap check
-/// before taking the write path).
-pub fn has_stranded(state: &State, now: f64, timeout_secs: f64) -> bool {
-    !stranded(state, now, timeout_secs).is_empty()
+/// before taking the write path). `watching_since` is when this root process started: a cluster
+/// cannot be blamed for silence the root was not there to hear (a root restarted after a long
+/// outage would otherwise move every instance away before their clusters' next report).
+pub fn has_stranded(state: &State, now: f64, timeout_secs: f64, watching_since: f64) -> bool {
+    !stranded(state, now, timeout_secs, watching_since).is_empty()
 }
 
-fn stranded(state: &State, now: f64, timeout_secs: f64) -> Vec<(String, u64, String)> {
+fn stranded(
+    state: &State,
+    now: f64,
+    timeout_secs: f64,
+    watching_since: f64,
+) -> Vec<(String, u64, String)> {
     let silent = |cid: &str| {
-        state
-            .cluster(cid)
-            .map_or(true, |c| !c.is_active(now, timeout_secs))
+        state.cluster(cid).map_or(true, |c| {
+            now - c.last_modified_timestamp.max(watching_since) >= timeout_secs
+        })
     };
     state
         .jobs
@@ -483,9 +543,14 @@ fn stranded(state: &State, now: f64, timeout_secs: f64) -> Vec<(String, u64, Str
 
 /// Moves every instance of a silent cluster to an active one (CLUSTER_CONTRACT §3). Instances
 /// no cluster can take are marked FAILED and retried on the next call.
-pub fn reschedule_stranded(state: &mut State, now: f64, timeout_secs: f64) -> Vec<Outbound> {
+pub fn reschedule_stranded(
+    state: &mut State,
+    now: f64,
+    timeout_secs: f64,
+    watching_since: f64,
+) -> Vec<Outbound> {
     let mut out = Vec::new();
-    for (job_id, n, from) in stranded(state, now, timeout_secs) {
+    for (job_id, n, from) in stranded(state, now, timeout_secs, watching_since) {
         let name = state
             .cluster(&from)
             .map(|c| c.candidate_name.clone())
@@ -606,6 +671,62 @@ mod tests {
     }
 
     #[test]
+    fn full_report_drops_instances_the_cluster_no_longer_holds() {
+        let (mut s, cid) = registered(1000.0);
+        placement::add_instance(&mut s, "j1", 1000.0, 30.0).unwrap();
+        placement::add_instance(&mut s, "j1", 1000.0, 30.0).unwrap();
+        let entry = |insts: Value| json!({"jobs": [{"_id": "j1", "instance_list": insts}]});
+        let running = |n: u64| json!({"instance_number": n, "status": "RUNNING"});
+        // Instance 1 not taken on yet (deploy in flight): a report without it keeps it.
+        apply_report(&mut s, &cid, &entry(json!([running(0)])), 1001.0).unwrap();
+        let nums = |s: &State| -> Vec<(u64, Status)> {
+            s.job("j1")
+                .unwrap()
+                .instance_list
+                .iter()
+                .map(|i| (i.instance_number, i.status))
+                .collect()
+        };
+        assert_eq!(
+            nums(&s),
+            [(0, Status::Running), (1, Status::ClusterScheduled)]
+        );
+        apply_report(
+            &mut s,
+            &cid,
+            &entry(json!([running(0), running(1)])),
+            1002.0,
+        )
+        .unwrap();
+        // A push of only some jobs proves nothing about the others.
+        apply_status_push(&mut s, &cid, &entry(json!([running(0)])), 1003.0).unwrap();
+        assert_eq!(nums(&s).len(), 2);
+        // Undeployed at the cluster: gone from the next full report, so gone here.
+        let ip1 = s.job("j1").unwrap().instance_list[1].instance_ip.clone();
+        apply_report(&mut s, &cid, &entry(json!([running(0)])), 1004.0).unwrap();
+        assert_eq!(nums(&s), [(0, Status::Running)]);
+        assert_eq!(s.job("j1").unwrap().status, Some(Status::Running));
+        // A report without the key `jobs` (capacity only) proves nothing either.
+        apply_report(&mut s, &cid, &json!({"vcpus": 4}), 1005.0).unwrap();
+        assert_eq!(nums(&s).len(), 1);
+        apply_report(&mut s, &cid, &json!({"jobs": []}), 1006.0).unwrap();
+        let j = s.job("j1").unwrap();
+        assert!(j.instance_list.is_empty());
+        assert_eq!(j.status, Some(Status::Undeployed));
+        assert!(!ip1.is_empty());
+        // Its address is free again: the next instance may get it.
+        placement::add_instance(&mut s, "j1", 1007.0, 30.0).unwrap();
+        let ips: Vec<String> = s
+            .job("j1")
+            .unwrap()
+            .instance_list
+            .iter()
+            .map(|i| i.instance_ip.clone())
+            .collect();
+        assert_eq!(ips.len(), 1);
+    }
+
+    #[test]
     fn reconciliation_undeploys_unknown_and_moved_instances() {
         let (mut s, cid) = registered(1000.0);
         placement::add_instance(&mut s, "j1", 1000.0, 30.0).unwrap();
@@ -637,9 +758,12 @@ mod tests {
             &body,
             1020.0,
         );
-        assert!(!has_stranded(&s, 1025.0, 30.0));
-        assert!(has_stranded(&s, 1031.0, 30.0));
-        let out = reschedule_stranded(&mut s, 1031.0, 30.0);
+        assert!(!has_stranded(&s, 1025.0, 30.0, 0.0));
+        // A root that started at 1020 has heard cluster 1's silence for 11 s only.
+        assert!(!has_stranded(&s, 1031.0, 30.0, 1020.0));
+        assert!(has_stranded(&s, 1050.0, 30.0, 1020.0));
+        assert!(has_stranded(&s, 1031.0, 30.0, 0.0));
+        let out = reschedule_stranded(&mut s, 1031.0, 30.0, 0.0);
         assert_eq!(
             out,
             vec![Outbound::Deploy {
@@ -648,7 +772,7 @@ mod tests {
                 instance: 0
             }]
         );
-        assert!(!has_stranded(&s, 1032.0, 30.0));
+        assert!(!has_stranded(&s, 1032.0, 30.0, 0.0));
         // Cluster 1 comes back and still reports the instance: it must drop it.
         let back = json!({"jobs": [{"_id": "j1", "instance_list": [{"instance_number": 0, "status": "RUNNING"}]}]});
         let out = apply_report(&mut s, &a, &back, 1040.0).unwrap();
@@ -665,7 +789,7 @@ mod tests {
             Status::ClusterScheduled
         );
         // Everything silent: the instance fails visibly and stays put.
-        assert!(reschedule_stranded(&mut s, 2000.0, 30.0).is_empty());
+        assert!(reschedule_stranded(&mut s, 2000.0, 30.0, 0.0).is_empty());
         assert_eq!(s.job("j1").unwrap().instance_list[0].status, Status::Failed);
     }
 

@@ -293,6 +293,7 @@ pub fn start(config: RootConfig) -> Result<RootHandle, String> {
     let timeout = config.cluster_timeout.as_secs_f64();
     let tick =
         (config.cluster_timeout / 3).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let watching_since = ids::now_secs_f64();
     let liveness = std::thread::Builder::new()
         .name("root-liveness".into())
         .spawn(move || {
@@ -300,14 +301,18 @@ pub fn start(config: RootConfig) -> Result<RootHandle, String> {
                 let now = ids::now_secs_f64();
                 if !live_root
                     .db
-                    .read(|s| clusters::has_stranded(s, now, timeout))
+                    .read(|s| clusters::has_stranded(s, now, timeout, watching_since))
                 {
                     continue;
                 }
-                match live_root
-                    .db
-                    .write(|s| Ok::<_, DbError>(clusters::reschedule_stranded(s, now, timeout)))
-                {
+                match live_root.db.write(|s| {
+                    Ok::<_, DbError>(clusters::reschedule_stranded(
+                        s,
+                        now,
+                        timeout,
+                        watching_since,
+                    ))
+                }) {
                     Ok(calls) => live_root.send(calls),
                     Err(e) => log::error!("rescheduling: {e}"),
                 }

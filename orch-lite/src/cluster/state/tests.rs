@@ -470,3 +470,48 @@ fn report_aggregates_active_workers_and_jobs() {
     assert_eq!(st["nodes"].as_array().unwrap().len(), 2);
     assert_eq!(st["instances"][0]["job_name"], "a.b.c.d");
 }
+
+#[test]
+fn broker_outage_does_not_fail_running_instances() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = state_in(dir.path(), None, T0);
+    let w1 = s.register(worker("w1", "m1", 2, 2000), None, T0).unwrap();
+    s.deploy("j", 0, job("a.b.c.d", 1.0, 100), T0).unwrap();
+    msg(
+        &mut s,
+        &format!("nodes/{w1}/jobs/resources"),
+        r#"{"services":[{"job_name":"a.b.c.d","instance":0,"cpu_percent":"0","memory_percent":"0","disk":"0"}]}"#,
+        T0 + 1000,
+    );
+    assert_eq!(s.instance("j", 0).unwrap().status, Status::Running);
+    let silence = s.cfg.timeouts.node_silence_ms;
+    // The cluster loses its broker right after the worker's last word, for four node timeouts.
+    s.broker_down(T0 + 1500);
+    for k in 1..=8 {
+        assert!(s.tick(T0 + 1500 + k * silence / 2).is_empty());
+    }
+    let back = T0 + 1500 + 4 * silence;
+    assert_eq!(
+        s.active_nodes(back - 1),
+        1,
+        "judged as of the disconnection"
+    );
+    s.broker_up(back);
+    // The status keeps the real silence.
+    let st = s.status(back + 1000);
+    assert_eq!(
+        st["nodes"][0]["last_seen_s_ago"],
+        (back + 1000 - (T0 + 1000)) / 1000
+    );
+    // A full timeout from the reconnection, then the usual verdict.
+    assert!(s.tick(back + silence - 1).is_empty());
+    assert_eq!(s.instance("j", 0).unwrap().status, Status::Running);
+    assert_eq!(s.active_nodes(back + silence - 1), 1);
+    s.tick(back + silence);
+    assert_eq!(s.active_nodes(back + silence), 0);
+    assert_eq!(
+        s.instance("j", 0).unwrap().status,
+        Status::Failed,
+        "a worker still silent a full timeout after the broker's return is failed"
+    );
+}
