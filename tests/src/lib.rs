@@ -6,6 +6,7 @@ pub mod daemons;
 pub mod fixture;
 pub mod proc;
 pub mod root;
+pub mod world;
 
 pub use api::{call, ok, wait_for};
 pub use fixture::{leftovers, Fixture};
