@@ -358,7 +358,7 @@ cmd_down() {
 
   # 3. What survived: per bundle (<state>/io.containerd.runtime.v2.task/<ns>/<id>) the runc
   #    container (only if its state points at our bundle), its cgroup's processes, its shim.
-  local bundle shim_addr cg h f rroot runc_dirs=""
+  local bundle shim_addr cg cgp h f rroot runc_dirs=""
   for bundle in "$dir"/containerd/state/io.containerd.runtime.v2.task/*/*; do
     [ -d "$bundle" ] || continue
     id=${bundle##*/}
@@ -373,7 +373,11 @@ cmd_down() {
       timeout 10 runc --root "$rroot" delete --force "$id" >/dev/null 2>&1 || true
       rm -rf "${rroot:?}/$id"
     fi
-    for cg in /sys/fs/cgroup/"$ns/$id" /sys/fs/cgroup/*/"$ns/$id"; do
+    # The client's cgroupsPath (a worker may nest it: /<ns>/<scope>/<id>); containerd's default otherwise.
+    cgp=$(jq -r '.linux.cgroupsPath // empty' "$bundle/config.json" 2>/dev/null || true)
+    cgp=${cgp#/}
+    [[ $cgp == "$ns"/* && $cgp != *..* ]] || cgp=$ns/$id
+    for cg in /sys/fs/cgroup/"$cgp" /sys/fs/cgroup/*/"$cgp"; do
       [ -f "$cg/cgroup.procs" ] || continue
       xargs -r kill -KILL <"$cg/cgroup.procs" 2>/dev/null || true
     done
@@ -417,7 +421,7 @@ cmd_down() {
   for ns in $(printf '%s\n' $namespaces | sort -u); do
     for h in /sys/fs/cgroup /sys/fs/cgroup/*; do
       [ -d "$h/$ns" ] && [ -f "$h/$ns/cgroup.procs" ] || continue
-      for cg in "$h/$ns"/*/; do
+      for cg in "$h/$ns"/*/ "$h/$ns"/*/*/; do
         cg=${cg%/}
         [ -d "$dir/containerd/state/io.containerd.runtime.v2.task/$ns/${cg##*/}" ] || continue
         # Killed processes leave the cgroup only once they have exited.
@@ -426,6 +430,10 @@ cmd_down() {
           sleep 0.1
         done
         [ -f "$cg/cgroup.procs" ] && rmdir "$cg" 2>/dev/null || true
+      done
+      # Per-worker scopes (/<ns>/<scope>/<id>) left empty; a busy one refuses rmdir.
+      for cg in "$h/$ns"/*/; do
+        [ -f "$cg/cgroup.procs" ] && rmdir "${cg%/}" 2>/dev/null || true
       done
       rmdir "$h/$ns" 2>/dev/null || true
     done

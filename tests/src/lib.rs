@@ -8,6 +8,7 @@ pub mod mosquitto;
 pub mod proc;
 pub mod root;
 pub mod topology;
+pub mod world;
 
 pub use api::{call, ok, wait_for};
 pub use fixture::{leftovers, Fixture};

@@ -131,11 +131,13 @@ async fn assert_gone(fx: &Fixture, ns: &str, id: &str) {
     assert!(snap.unwrap_err().is_not_found(), "snapshot {id} left");
 }
 
-fn cgroup_file(controller: &str, ns: &str, id: &str, file: &str) -> PathBuf {
+/// Where the runtime puts container `id`'s cgroup (scoped per state dir, see
+/// `RuntimeConfig::cgroup_parent`), in the v1 hierarchy of `controller`.
+fn cgroup_file(controller: &str, fx: &Fixture, ns: &str, id: &str, file: &str) -> PathBuf {
+    let path = config(fx, ns).cgroups_path(id);
     Path::new("/sys/fs/cgroup")
         .join(controller)
-        .join(ns)
-        .join(id)
+        .join(path.trim_start_matches('/'))
         .join(file)
 }
 
@@ -183,11 +185,17 @@ fn deploy_run_resources_duplicate_undeploy() {
         assert!(lines.contains(&"GREETING=hello-oak"), "{text}");
 
         // Limits from memory (MiB) and vcpus, in the container's cgroup (v1 layout here).
-        let mem = read(cgroup_file("memory", ns, &id(0), "memory.limit_in_bytes"));
+        let mem = read(cgroup_file(
+            "memory",
+            &fx,
+            ns,
+            &id(0),
+            "memory.limit_in_bytes",
+        ));
         assert_eq!(mem.trim(), "67108864");
-        let quota = read(cgroup_file("cpu", ns, &id(0), "cpu.cfs_quota_us"));
+        let quota = read(cgroup_file("cpu", &fx, ns, &id(0), "cpu.cfs_quota_us"));
         assert_eq!(quota.trim(), "50000");
-        let period = read(cgroup_file("cpu", ns, &id(0), "cpu.cfs_period_us"));
+        let period = read(cgroup_file("cpu", &fx, ns, &id(0), "cpu.cfs_period_us"));
         assert_eq!(period.trim(), "100000");
 
         // jobs/resources: listed with string metrics and the log tail.
@@ -377,9 +385,15 @@ fn runs_without_the_memory_cgroup_and_says_so() {
             "{s:?}"
         );
         // Running, without a memory limit, with the CPU quota.
-        let mem = read(cgroup_file("memory", ns, &id(0), "memory.limit_in_bytes"));
+        let mem = read(cgroup_file(
+            "memory",
+            &fx,
+            ns,
+            &id(0),
+            "memory.limit_in_bytes",
+        ));
         assert_ne!(mem.trim(), "67108864");
-        let quota = read(cgroup_file("cpu", ns, &id(0), "cpu.cfs_quota_us"));
+        let quota = read(cgroup_file("cpu", &fx, ns, &id(0), "cpu.cfs_quota_us"));
         assert_eq!(quota.trim(), "50000");
         assert_eq!(rt.resources().await.unwrap().len(), 1);
         rt.undeploy(delete(0)).await.unwrap();

@@ -13,7 +13,7 @@ pub enum Version {
 }
 
 /// What the host offers containers. Paths are the hierarchy roots a container's cgroup
-/// (`<root>/<namespace>/<id>`, spec §5.1 `cgroupsPath`) lives under.
+/// (`<root>/<cgroupsPath>`, spec §5.1) lives under.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Host {
     pub version: Version,
@@ -95,9 +95,11 @@ impl Host {
         }
     }
 
-    /// A container's cgroup directory under `root`, for `cgroupsPath` `/<namespace>/<id>`.
-    pub fn dir(root: &Path, namespace: &str, id: &str) -> PathBuf {
-        root.join(namespace).join(id)
+    /// A container's cgroup directory under the hierarchy `root`, for its spec's `cgroupsPath`
+    /// (`/<namespace>/<id>`, or `/<namespace>/<scope>/<id>`; cgroupfs driver paths are relative
+    /// to the hierarchy's root).
+    pub fn dir(root: &Path, cgroups_path: &str) -> PathBuf {
+        root.join(cgroups_path.trim_start_matches('/'))
     }
 }
 
@@ -180,10 +182,16 @@ memory\t4\t59\t1
         assert_eq!(
             Host::dir(
                 Path::new("/sys/fs/cgroup/memory"),
-                "oakestra",
-                "a.b.c.d.instance.0"
+                "/oakestra/a.b.c.d.instance.0"
             ),
             Path::new("/sys/fs/cgroup/memory/oakestra/a.b.c.d.instance.0")
+        );
+        assert_eq!(
+            Host::dir(
+                Path::new("/sys/fs/cgroup"),
+                "/oakestra/worker-0a1b2c3d/a.b.c.d.instance.0"
+            ),
+            Path::new("/sys/fs/cgroup/oakestra/worker-0a1b2c3d/a.b.c.d.instance.0")
         );
     }
 

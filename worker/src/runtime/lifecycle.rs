@@ -68,6 +68,38 @@ impl RuntimeConfig {
     pub fn runc_root(&self) -> PathBuf {
         self.state_dir.join("runc")
     }
+
+    /// The cgroup this worker's containers are created in. Cgroup paths are global on the host
+    /// while container ids are unique only within one containerd: two workers on one host (each
+    /// with its own containerd) can both hold `<job>.instance.0`, e.g. the orphan of a killed
+    /// worker and the copy rescheduled next to it. In one cgroup they would share limits and
+    /// metrics, and runc's kill of every process of one would stop the other. A worker with the
+    /// default state dir keeps upstream's `/<namespace>`; any other state dir (which must differ
+    /// per worker anyway: runc root, pid file) gets its own scope below it, named after the dir
+    /// so it stays the same across restarts.
+    pub fn cgroup_parent(&self) -> String {
+        let dir: PathBuf = self.state_dir.components().collect();
+        if dir == Path::new(crate::config::DEFAULT_STATE_DIR) {
+            return format!("/{}", self.namespace);
+        }
+        format!(
+            "/{}/worker-{:08x}",
+            self.namespace,
+            fnv1a32(dir.as_os_str().as_encoded_bytes())
+        )
+    }
+
+    /// `cgroupsPath` of container `id` (spec §5.1).
+    pub fn cgroups_path(&self, id: &str) -> String {
+        format!("{}/{id}", self.cgroup_parent())
+    }
+}
+
+/// FNV-1a: a short, stable name for a path (not a security boundary).
+fn fnv1a32(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 #[derive(Debug)]
@@ -803,8 +835,9 @@ async fn create_container(
 ) -> Result<String, String> {
     let cfg = &ctx.cfg;
     let id = job.container_id();
+    let cgroup_parent = cfg.cgroup_parent();
     let built = spec::build(&spec::Input {
-        namespace: &cfg.namespace,
+        cgroup_parent: &cgroup_parent,
         container_id: &id,
         instance: job.instance_number,
         image: &img.config,
@@ -984,6 +1017,8 @@ async fn teardown(ctx: &Ctx, id: &str, made: &Made) {
 struct Sampler {
     cpu: metrics::CpuHistory,
     disk: HashMap<String, (Instant, i64)>,
+    /// Each container's `cgroupsPath`, read once from its spec.
+    cgroups: HashMap<String, String>,
     capacity: usize,
     text: String,
     bytes: Vec<u8>,
@@ -996,6 +1031,7 @@ impl Sampler {
         Sampler {
             cpu: metrics::CpuHistory::new(capacity),
             disk: HashMap::new(),
+            cgroups: HashMap::new(),
             capacity,
             text: String::new(),
             bytes: Vec::new(),
@@ -1058,7 +1094,15 @@ async fn sample(ctx: &Ctx, leaving: &[String]) -> Result<Vec<InstanceResources>,
         };
         let mut h = ctx.history.borrow_mut();
         let h = &mut *h;
-        let s = metrics::read(&ctx.host, &ctx.cfg.namespace, &c.id, &mut h.text);
+        if !h.cgroups.contains_key(&c.id) && h.cgroups.len() < h.capacity {
+            let path =
+                spec::cgroups_path_of(&c.spec).unwrap_or_else(|| ctx.cfg.cgroups_path(&c.id));
+            h.cgroups.insert(c.id.clone(), path);
+        }
+        let s = match h.cgroups.get(&c.id) {
+            Some(path) => metrics::read(&ctx.host, path, &mut h.text),
+            None => metrics::read(&ctx.host, &ctx.cfg.cgroups_path(&c.id), &mut h.text),
+        };
         let cpu = s
             .cpu_ns
             .map_or(0.0, |ns| h.cpu.percent(&c.id, ns, now, cores));
@@ -1084,6 +1128,8 @@ async fn sample(ctx: &Ctx, leaving: &[String]) -> Result<Vec<InstanceResources>,
     let mut h = ctx.history.borrow_mut();
     h.cpu.retain_seen();
     h.disk
+        .retain(|id, _| containers.iter().any(|c| &c.id == id));
+    h.cgroups
         .retain(|id, _| containers.iter().any(|c| &c.id == id));
     Ok(out)
 }
@@ -1129,6 +1175,52 @@ impl EtcFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config_at(state_dir: &str) -> RuntimeConfig {
+        RuntimeConfig {
+            socket: "/run/containerd/containerd.sock".into(),
+            namespace: "oakestra".into(),
+            snapshotter: "overlayfs".into(),
+            app_logs: "/tmp/logs".into(),
+            state_dir: state_dir.into(),
+            timeouts: Timeouts::default(),
+            step_timeout: Duration::from_secs(1),
+            capacity: 4,
+            queue: 4,
+            cgroups: None,
+        }
+    }
+
+    /// Two workers on one host (the drill: a killed worker's orphan and its rescheduled copy,
+    /// same container id) must not share a cgroup; one worker keeps its scope across restarts.
+    #[test]
+    fn workers_on_one_host_get_distinct_stable_cgroups() {
+        let id = "app.ns.svc.ns.instance.0";
+        let default = config_at(crate::config::DEFAULT_STATE_DIR);
+        assert_eq!(default.cgroups_path(id), format!("/oakestra/{id}"));
+        assert_eq!(
+            config_at("/var/lib/oakestra/").cgroups_path(id),
+            format!("/oakestra/{id}"),
+            "a trailing slash is the same dir"
+        );
+        let a = config_at("/srv/worker-a/state");
+        let b = config_at("/srv/worker-b/state");
+        let (pa, pb) = (a.cgroups_path(id), b.cgroups_path(id));
+        assert_ne!(pa, pb);
+        assert_ne!(pa, default.cgroups_path(id));
+        assert!(
+            pa.starts_with("/oakestra/worker-") && pa.ends_with(&format!("/{id}")),
+            "{pa}"
+        );
+        // Stable: the same dir gives the same scope (a restarted worker's new containers sit
+        // next to its adopted ones).
+        assert_eq!(pa, config_at("/srv/worker-a/state").cgroups_path(id));
+        assert_eq!(pa, config_at("/srv/worker-a/state/").cgroups_path(id));
+        // Another namespace, another tree.
+        let mut other = config_at("/srv/worker-a/state");
+        other.namespace = "edge".into();
+        assert!(other.cgroups_path(id).starts_with("/edge/worker-"));
+    }
 
     #[test]
     fn user_names_are_looked_up_in_the_rootfs() {

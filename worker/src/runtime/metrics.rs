@@ -62,11 +62,10 @@ fn read_small<'b>(path: &Path, buf: &'b mut String) -> Option<&'b str> {
     Some(buf.as_str())
 }
 
-/// Reads one instance's counters from the host's hierarchies.
-pub fn read(host: &Host, namespace: &str, id: &str, buf: &mut String) -> Sample {
+/// Reads one instance's counters from the host's hierarchies; `cgroups_path` is its spec's.
+pub fn read(host: &Host, cgroups_path: &str, buf: &mut String) -> Sample {
     let file = |root: &Option<std::path::PathBuf>, name: &str| {
-        root.as_ref()
-            .map(|r| Host::dir(r, namespace, id).join(name))
+        root.as_ref().map(|r| Host::dir(r, cgroups_path).join(name))
     };
     let (cpu_file, mem_file) = match host.version {
         Version::V1 => ("cpuacct.usage", "memory.usage_in_bytes"),
@@ -194,7 +193,7 @@ mod tests {
         put(root.join("memory/ns/c1/memory.usage_in_bytes"), "4096\n");
         put(root.join("cpuacct/ns/c1/cpuacct.usage"), "123456\n");
         let mut buf = String::new();
-        let s = read(&v1, "ns", "c1", &mut buf);
+        let s = read(&v1, "/ns/c1", &mut buf);
         assert_eq!(
             s,
             Sample {
@@ -203,7 +202,7 @@ mod tests {
             }
         );
         let pi = Host { memory: None, ..v1 };
-        assert_eq!(read(&pi, "ns", "c1", &mut buf).memory, None);
+        assert_eq!(read(&pi, "/ns/c1", &mut buf).memory, None);
         let v2 = Host {
             version: Version::V2,
             memory: Some(root.join("unified")),
@@ -211,9 +210,9 @@ mod tests {
             cpuacct: Some(root.join("unified")),
             swap: true,
         };
-        put(root.join("unified/ns/c1/memory.current"), "8192\n");
-        put(root.join("unified/ns/c1/cpu.stat"), "usage_usec 7\n");
-        let s = read(&v2, "ns", "c1", &mut buf);
+        put(root.join("unified/ns/w1/c1/memory.current"), "8192\n");
+        put(root.join("unified/ns/w1/c1/cpu.stat"), "usage_usec 7\n");
+        let s = read(&v2, "/ns/w1/c1", &mut buf);
         assert_eq!(
             s,
             Sample {

@@ -42,7 +42,9 @@ pub struct Limits {
 }
 
 pub struct Input<'a> {
-    pub namespace: &'a str,
+    /// The cgroup the container's own cgroup is created in (`/oakestra`, or
+    /// `/oakestra/<scope>` for a second worker on the host: see `RuntimeConfig::cgroup_parent`).
+    pub cgroup_parent: &'a str,
     pub container_id: &'a str,
     pub instance: u64,
     pub image: &'a ImageConfig,
@@ -120,6 +122,26 @@ pub fn parse_user(user: &str) -> Result<Option<(u32, u32)>, SpecError> {
         _ if u == "root" && g.is_none() => Ok(Some((0, 0))),
         _ => Ok(None),
     }
+}
+
+/// The `linux.cgroupsPath` of a container's spec (containerd keeps the spec JSON with the
+/// container): the sampler reads an instance's counters where it really lives, also for
+/// containers adopted from a worker that placed them elsewhere. Only that field is decoded.
+pub fn cgroups_path_of(spec_json: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Spec {
+        linux: Option<Linux>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Linux {
+        #[serde(rename = "cgroupsPath")]
+        cgroups_path: Option<String>,
+    }
+    serde_json::from_slice::<Spec>(spec_json)
+        .ok()?
+        .linux?
+        .cgroups_path
+        .filter(|p| !p.is_empty())
 }
 
 /// Finds `name`'s uid and primary gid in an /etc/passwd text (`name:x:uid:gid:…`).
@@ -317,7 +339,7 @@ pub fn build(i: &Input<'_>) -> Result<Built, SpecError> {
             "namespaces": namespaces,
             "devices": devices,
             "resources": resources,
-            "cgroupsPath": format!("/{}/{}", i.namespace, i.container_id),
+            "cgroupsPath": format!("{}/{}", i.cgroup_parent, i.container_id),
             "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
                 "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
                 "/proc/sched_debug", "/sys/firmware", "/proc/scsi"],
@@ -380,7 +402,7 @@ mod tests {
     fn build_bare(image: &ImageConfig) -> Result<Built, SpecError> {
         let limits = Case::default().limits;
         build(&Input {
-            namespace: "n",
+            cgroup_parent: "/n",
             container_id: "c",
             instance: 0,
             image,
@@ -399,7 +421,7 @@ mod tests {
 
     fn run(c: &Case) -> (Value, Option<String>) {
         let b = build(&Input {
-            namespace: "oakestra",
+            cgroup_parent: "/oakestra",
             container_id: "app.ns.svc.ns.instance.3",
             instance: 3,
             image: &c.image,
@@ -466,6 +488,13 @@ mod tests {
             s["linux"]["cgroupsPath"],
             "/oakestra/app.ns.svc.ns.instance.3"
         );
+        let raw = serde_json::to_vec(&s).unwrap();
+        assert_eq!(
+            cgroups_path_of(&raw).as_deref(),
+            Some("/oakestra/app.ns.svc.ns.instance.3")
+        );
+        assert_eq!(cgroups_path_of(br#"{"linux":{}}"#), None);
+        assert_eq!(cgroups_path_of(b"not json"), None);
         assert_eq!(s["linux"]["devices"], json!([]));
         assert_eq!(
             s["linux"]["resources"]["devices"],
