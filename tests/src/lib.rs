@@ -4,6 +4,7 @@
 pub mod api;
 pub mod daemons;
 pub mod fixture;
+pub mod lan;
 pub mod proc;
 pub mod root;
 
