@@ -14,7 +14,8 @@
 # CONTAINERD_SNAPSHOTTER). Pull over plain HTTP: `ctr images pull --plain-http "$FIXTURE_IMAGE"`.
 # Environment: OAK_BUSYBOX_CACHE (busybox-<debian arch> binaries), OAK_FIXTURE_CACHE (built image
 # cache, keyed by its inputs; default /var/cache/oakestra-test/fixture-image, empty: off),
-# FIXTURE_WAIT_SECS (default 20).
+# FIXTURE_WAIT_SECS (default 20), FIXTURE_REGISTRY_HOST (default 127.0.0.1: where the registry
+# binds, see start_registry).
 set -euo pipefail
 
 SCRIPT=$(readlink -f "${BASH_SOURCE[0]}")
@@ -168,8 +169,11 @@ start_containerd() {
   die "containerd did not answer on $dir/containerd.sock within ${WAIT_SECS}s"
 }
 
+# FIXTURE_REGISTRY_HOST (default 127.0.0.1): the IPv4 address the registry binds and the image
+# names carry, so that workers in other network namespaces (the multi-host tests' LAN) can pull.
 start_registry() {
-  local dir=$1 port attempt i pid
+  local dir=$1 port attempt i pid host=${FIXTURE_REGISTRY_HOST:-127.0.0.1}
+  [[ $host =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "FIXTURE_REGISTRY_HOST=$host is not an IPv4 address"
   mkdir -p "$dir/registry/data"
   for ((attempt = 0; attempt < 5; attempt++)); do
     port=$(free_port)
@@ -188,7 +192,7 @@ storage:
     uploadpurging:
       enabled: false
 http:
-  addr: 127.0.0.1:$port
+  addr: $host:$port
 YAML
     setsid docker-registry serve "$dir/registry/config.yml" </dev/null >"$dir/registry.log" 2>&1 &
     pid=$!
@@ -202,14 +206,14 @@ YAML
         log_tail "$dir/registry.log"
         die "docker-registry exited during start-up (config $dir/registry/config.yml)"
       fi
-      if curl -fsS -o /dev/null --max-time 2 "http://127.0.0.1:$port/v2/" 2>/dev/null; then
-        echo "127.0.0.1:$port" >"$dir/registry.addr"
+      if curl -fsS -o /dev/null --max-time 2 "http://$host:$port/v2/" 2>/dev/null; then
+        echo "$host:$port" >"$dir/registry.addr"
         return 0
       fi
       sleep 0.1
     done
     log_tail "$dir/registry.log"
-    die "docker-registry did not answer on 127.0.0.1:$port within ${WAIT_SECS}s"
+    die "docker-registry did not answer on $host:$port within ${WAIT_SECS}s"
   done
   die "docker-registry could not bind a free port after 5 attempts"
 }

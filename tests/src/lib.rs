@@ -1,9 +1,12 @@
-//! Shared fixtures for the end-to-end tests: real daemons started per test (`fixture`, `proc`, `daemons`),
-//! HTTP calls to their APIs (`api`), the root API as a user drives it (`root`), and the guards that keep tests honest about root and about the machine's 2 cores.
+//! Shared parts of the end-to-end tests: real daemons started per test (`fixture`, `proc`,
+//! `daemons`, `mosquitto`), whole systems of them (`world`, `topology`), a LAN of network
+//! namespaces (`lan`), HTTP calls to their APIs (`api`), the root API as a user drives it
+//! (`root`), and the guards that keep tests honest about root and about the machine's 2 cores.
 
 pub mod api;
 pub mod daemons;
 pub mod fixture;
+pub mod lan;
 pub mod mosquitto;
 pub mod proc;
 pub mod root;

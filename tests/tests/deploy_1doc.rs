@@ -1,10 +1,19 @@
 //! The 1-DOC deploy end to end with the real parts, as a user does it: a private containerd and
-//! registry (the fixture), `orch-lite all`, one `NodeEngine`; the getting-started guide's
-//! `clientsrvr` application (busybox from the fixture registry instead of nginx and curl) is
-//! created, deployed and partly undeployed through the root API, and checked in containerd.
-//! Without the overlay (landing separately) the client's fetch from 10.30.30.30 cannot work yet,
-//! so only that the client runs and logs is checked.
+//! registry (the fixture), `orch-lite all`, one `NodeEngine` with the overlay on
+//! (`OAK_NETWORK=auto`, as `scripts/1-doc.sh` runs it); the getting-started guide's `clientsrvr`
+//! application (busybox from the fixture registry instead of nginx and curl) is created, deployed
+//! and partly undeployed through the root API, and checked in containerd. The client must fetch
+//! the server's page through the service IP 10.30.30.30, and once the worker stops nothing of
+//! its network may remain (TUN, bridge, veths, instance namespaces).
+//!
+//! The worker runs in a network namespace of its own (a one-host [`e2e::lan::Lan`]): its TUN and
+//! bridge carry upstream's fixed names (`goProxyTun`, `goProxyBridge`), which must not meet
+//! another test's, or a demo's, in the root namespace. The orchestrator and the registry listen
+//! on the LAN's gateway address in the root namespace; the application namespace carries the
+//! pid, because instance namespaces are named after container ids in the machine-wide
+//! `/run/netns`.
 
+use e2e::lan::{Host, Lan};
 use e2e::root::Root;
 use e2e::{binaries, daemons, free_port, ok, wait_for, Fixture, Proc};
 use serde_json::{json, Value};
@@ -14,21 +23,27 @@ use std::time::{Duration, Instant};
 const APP: &str = "clientsrvr";
 const RR_IP: &str = "10.30.30.30";
 
+/// `application_namespace` and `microservice_namespace`: unique per test process.
+fn ns() -> String {
+    format!("t{}", std::process::id())
+}
+
 /// The guide's descriptor (orchestrators spec §3, §9.4) with the fixture image.
 fn sla(image: &str) -> Value {
+    let ns = ns();
     json!({
         "sla_version": "v2.0",
         "customerID": "Admin",
         "applications": [{
             "applicationID": "",
             "application_name": APP,
-            "application_namespace": "test",
+            "application_namespace": ns,
             "application_desc": "HTTP server behind 10.30.30.30 and a client fetching from it",
             "microservices": [
                 {
                     "microserviceID": "",
                     "microservice_name": "server",
-                    "microservice_namespace": "test",
+                    "microservice_namespace": ns,
                     "virtualization": "container",
                     "cmd": ["httpd", "-f", "-p", "80", "-h", "/www"],
                     "memory": 100, "vcpus": 1, "vgpus": 0, "vtpus": 0,
@@ -42,7 +57,7 @@ fn sla(image: &str) -> Value {
                 {
                     "microserviceID": "",
                     "microservice_name": "client",
-                    "microservice_namespace": "test",
+                    "microservice_namespace": ns,
                     "virtualization": "container",
                     "cmd": ["sh", "-c", "while true; do wget -q -O - http://10.30.30.30/ || true; sleep 2; done"],
                     "memory": 100, "vcpus": 1, "vgpus": 0, "vtpus": 0,
@@ -60,6 +75,7 @@ fn sla(image: &str) -> Value {
 
 struct World<'a> {
     fx: &'a Fixture,
+    host: &'a Host,
     root: Root,
     cluster: String,
     status: String,
@@ -96,7 +112,7 @@ fn scenario(w: &World, started: Instant) -> Result<Vec<Duration>, String> {
     let app_id = w.root.create_app(&sla(&fx.image), APP)?;
     let find = |name: &str| w.root.find_service(&app_id, name);
     let (server, client) = (find("server")?, find("client")?);
-    assert_eq!(server.job_name, "clientsrvr.test.server.test");
+    assert_eq!(server.job_name, format!("clientsrvr.{0}.server.{0}", ns()));
 
     // The server's deploy includes the first pull from the registry; the client's finds the
     // image in containerd.
@@ -125,7 +141,7 @@ fn scenario(w: &World, started: Instant) -> Result<Vec<Duration>, String> {
             "no running task for {id}"
         );
     }
-    // The server answers inside its own network namespace (no overlay: loopback only).
+    // The server answers inside its own network namespace.
     let page = fx.ctr_ok(
         "oakestra",
         &[
@@ -145,10 +161,35 @@ fn scenario(w: &World, started: Instant) -> Result<Vec<Duration>, String> {
         page.contains("OAK_FIXTURE_HTTPD_OK"),
         "server answered {page:?}"
     );
+    // The client reaches it through the service IP: table query to the cluster and root,
+    // translation in the data plane, bridge, veths.
     let client_log = w.work.join("e2e-worker/logs").join(client.container(0));
-    wait_for("the client's log file", Duration::from_secs(10), || {
-        Ok(client_log.exists().then_some(()))
-    })?;
+    let t0 = Instant::now();
+    wait_for(
+        &format!("the client's page from {RR_IP} in {}", client_log.display()),
+        Duration::from_secs(30),
+        || {
+            let log = std::fs::read_to_string(&client_log).unwrap_or_default();
+            Ok(log.contains("OAK_FIXTURE_HTTPD_OK").then_some(()))
+        },
+    )?;
+    println!(
+        "the client's page from {RR_IP} was in its log after another {} ms",
+        t0.elapsed().as_millis()
+    );
+    // The overlay of the worker's host: TUN, bridge, one host veth per instance.
+    let links = w.host.run(&["ip", "-o", "link", "show"])?;
+    for dev in ["goProxyTun", "goProxyBridge"] {
+        assert!(links.contains(&format!(": {dev}:")), "no {dev} in {links}");
+    }
+    let netns = ip_netns()?;
+    for s in [&server, &client] {
+        assert!(
+            netns.iter().any(|n| *n == s.container(0)),
+            "no namespace {} in {netns:?}",
+            s.container(0)
+        );
+    }
 
     let metrics = ok("GET", &format!("http://{}/metrics", w.status), None, None)?;
     let metrics = metrics.as_str().unwrap_or_default();
@@ -174,6 +215,11 @@ fn scenario(w: &World, started: Instant) -> Result<Vec<Duration>, String> {
     );
     let job = w.root.service(&client.id)?;
     assert_eq!(job["instance_list"], json!([]), "{job}");
+    let netns = ip_netns()?;
+    assert!(
+        !netns.contains(&client.container(0)),
+        "the client's namespace outlived its undeploy: {netns:?}"
+    );
     assert_eq!(job["status"], "UNDEPLOYED", "{job}");
     if let Some(pid) = pid {
         assert!(
@@ -187,6 +233,19 @@ fn scenario(w: &World, started: Instant) -> Result<Vec<Duration>, String> {
         Some("RUNNING")
     );
     Ok(latencies)
+}
+
+/// Names in `ip netns list` (the machine-wide `/run/netns`).
+fn ip_netns() -> Result<Vec<String>, String> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map_err(|e| format!("ip netns list: {e}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect())
 }
 
 fn is_same_cmd(pid: u32, word: &str) -> bool {
@@ -207,7 +266,12 @@ fn clientsrvr_deploys_runs_and_undeploys() {
         "binaries ready after {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    let fx = Fixture::start().unwrap_or_else(|e| panic!("{e}"));
+    // Declared first, so it is dropped last: the worker must be gone before its namespace.
+    let mut lan = Lan::new().unwrap_or_else(|e| panic!("{e}"));
+    let lan_tag = lan.tag.clone();
+    let host = lan.add_host("node").unwrap_or_else(|e| panic!("{e}"));
+    let gw = lan.gateway.to_string();
+    let fx = lan.fixture().unwrap_or_else(|e| panic!("{e}"));
     println!("fixture up after {:.1} s", started.elapsed().as_secs_f64());
     let fx_dir = fx.dir.clone();
     let work = fx.dir.with_file_name(format!(
@@ -218,14 +282,14 @@ fn clientsrvr_deploys_runs_and_undeploys() {
 
     let (root_port, cluster_port, mqtt_port, status_port) =
         (free_port(), free_port(), free_port(), free_port());
-    let root = format!("127.0.0.1:{root_port}");
-    let status = format!("127.0.0.1:{status_port}");
+    let root = format!("{gw}:{root_port}");
+    let status = format!("{}:{status_port}", host.addr);
     let mut orch = Proc::spawn(
         "orch-lite",
         daemons::orch_lite(&orch_lite, "all", &work, "orch-lite")
             .env("OAK_ROOT_API_ADDR", &root)
-            .env("OAK_CLUSTER_API_ADDR", format!("127.0.0.1:{cluster_port}"))
-            .env("OAK_MQTT_ADDR", format!("127.0.0.1:{mqtt_port}"))
+            .env("OAK_CLUSTER_API_ADDR", format!("{gw}:{cluster_port}"))
+            .env("OAK_MQTT_ADDR", format!("{gw}:{mqtt_port}"))
             .env("OAK_CLUSTER_NAME", "e2e"),
         work.join("orch-lite.log"),
     )
@@ -234,22 +298,35 @@ fn clientsrvr_deploys_runs_and_undeploys() {
         .unwrap_or_else(|e| panic!("{e}\n--- orch-lite log:\n{}", orch.tail(30)));
     let w = World {
         fx: &fx,
+        host: &host,
         root: root_client,
-        cluster: format!("127.0.0.1:{cluster_port}"),
+        cluster: format!("{gw}:{cluster_port}"),
         status,
         work: work.clone(),
     };
 
-    let mut worker = daemons::worker(
+    let worker = daemons::worker(
         &node_engine,
         &work,
         "e2e-worker",
-        "127.0.0.1",
+        &gw,
         cluster_port,
         &w.status,
         &fx,
     );
-    let mut ne = Proc::spawn("NodeEngine", &mut worker, work.join("worker.log")).unwrap();
+    // The same command, started inside the host, with the overlay on.
+    let mut in_host = host.command(worker.get_program());
+    in_host.args(worker.get_args());
+    for (k, v) in worker.get_envs() {
+        match v {
+            Some(v) => in_host.env(k, v),
+            None => in_host.env_remove(k),
+        };
+    }
+    in_host
+        .env("OAK_NETWORK", "auto")
+        .env("OAK_PUBLIC_ADDRESS", host.addr.to_string());
+    let mut ne = Proc::spawn("NodeEngine", &mut in_host, work.join("worker.log")).unwrap();
 
     let result = scenario(&w, started);
     let latencies = match result {
@@ -263,7 +340,10 @@ fn clientsrvr_deploys_runs_and_undeploys() {
 
     // Instances outlive the worker (adopted at its next start); the fixture removes them.
     let server_pid = fx
-        .task_pid("oakestra", "clientsrvr.test.server.test.instance.0")
+        .task_pid(
+            "oakestra",
+            &format!("clientsrvr.{0}.server.{0}.instance.0", ns()),
+        )
         .ok()
         .flatten();
     let st = ne.stop().unwrap_or_else(|e| panic!("{e}\n{}", ne.tail(20)));
@@ -272,6 +352,26 @@ fn clientsrvr_deploys_runs_and_undeploys() {
         "NodeEngine exited with {st}:\n{}",
         ne.tail(20)
     );
+    // The stopped worker took its network along: no TUN, bridge or veth in its host, no
+    // instance namespace in /run/netns (the instances themselves live on until adopted).
+    let links = host
+        .run(&["ip", "-o", "link", "show"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ours: Vec<&str> = links
+        .lines()
+        .filter(|l| !l.contains(": lo:") && !l.contains(": eth0@"))
+        .collect();
+    assert!(
+        ours.is_empty(),
+        "the worker left links in its host: {ours:#?}"
+    );
+    let prefix = format!("clientsrvr.{}.", ns());
+    let left: Vec<String> = ip_netns()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    assert!(left.is_empty(), "instance namespaces left: {left:?}");
     let st = orch
         .stop()
         .unwrap_or_else(|e| panic!("{e}\n{}", orch.tail(20)));
@@ -297,6 +397,10 @@ fn clientsrvr_deploys_runs_and_undeploys() {
         let left = e2e::leftovers(dir);
         assert!(left.is_empty(), "left behind: {left:#?}");
     }
+    drop(host);
+    drop(lan);
+    let left = Lan::leftovers(&lan_tag);
+    assert!(left.is_empty(), "the test LAN left: {left:?}");
     let mut sorted = latencies.clone();
     sorted.sort();
     println!(
