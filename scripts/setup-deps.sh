@@ -73,6 +73,47 @@ for a in "${FOREIGN[@]}"; do
   [ -x "$BB_CACHE/busybox-$a" ] || { log "fetching busybox-static:$a"; fetch_foreign_busybox "$a"; }
 done
 
+# containerd 1.7 next to the host's 1.6: the worker's hand-written gRPC client must speak to both
+# (issue #4), and bookworm ships only 1.6. Trixie's build is Go linked against glibc >= 2.34 only,
+# so it runs here; its shim drives the host's runc (containerd 1.7 accepts runc >= 1.0). Fetched
+# through a private apt state like the busybox above, unpacked under the test cache, never
+# installed: the host's containerd, apt sources and dpkg database stay as they are.
+CTRD17_DIR=${OAK_CONTAINERD17_DIR:-/var/cache/oakestra-test/containerd-1.7}
+fetch_containerd17() {
+  local tmp opts arch
+  arch=$(dpkg --print-architecture)
+  tmp=$(mktemp -d)
+  mkdir -p "$tmp/lists/partial" "$tmp/cache/archives/partial"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" \
+    >"$tmp/sources.list"
+  opts=(-qq -o Acquire::Retries=3 -o APT::Sandbox::User=root
+    -o Dir::State::Lists="$tmp/lists" -o Dir::Etc::SourceList="$tmp/sources.list"
+    -o Dir::Etc::SourceParts=/dev/null -o Dir::Cache="$tmp/cache" -o Dir::State::status=/dev/null
+    -o APT::Architecture="$arch" -o APT::Architectures="$arch")
+  apt-get "${opts[@]}" update
+  (cd "$tmp" && apt-get "${opts[@]}" download "containerd:$arch")
+  dpkg-deb -x "$tmp"/containerd_*_"$arch".deb "$tmp/root"
+  # Staged then renamed, so an interrupted fetch never leaves a half-filled dir that looks done.
+  rm -rf "$CTRD17_DIR.new"
+  mkdir -p "$CTRD17_DIR.new/bin"
+  local b
+  for b in containerd containerd-shim-runc-v2 ctr; do
+    install -m 0755 "$tmp/root/usr/bin/$b" "$CTRD17_DIR.new/bin/$b"
+  done
+  "$CTRD17_DIR.new/bin/containerd" --version | awk '{print $3}' >"$CTRD17_DIR.new/VERSION"
+  rm -rf "$CTRD17_DIR" "$tmp"
+  mv "$CTRD17_DIR.new" "$CTRD17_DIR"
+}
+ctrd17_ok() {
+  [ -x "$CTRD17_DIR/bin/containerd-shim-runc-v2" ] && [ -x "$CTRD17_DIR/bin/ctr" ] &&
+    "$CTRD17_DIR/bin/containerd" --version 2>/dev/null | awk '{print $3}' | grep -q '^1\.7\.'
+}
+if ! ctrd17_ok; then
+  log "fetching containerd 1.7 (Debian trixie) into $CTRD17_DIR"
+  fetch_containerd17
+  ctrd17_ok || die "containerd from trixie in $CTRD17_DIR does not run or is not 1.7"
+fi
+
 # Rust: the toolchain comes with the machine (rustup); add the cross targets and tools.
 if ! command -v cargo >/dev/null; then
   [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
@@ -86,4 +127,4 @@ for c in rustfmt clippy; do
   rustup component list --installed | grep -q "^$c" || rustup component add "$c"
 done
 
-log "ok: $(containerd --version | awk '{print $1, $3}'), runc $(runc --version | awk 'NR==1{print $3}'), mosquitto $(mosquitto -h 2>/dev/null | awk 'NR==1{print $3}'), $(cargo --version)"
+log "ok: $(containerd --version | awk '{print $1, $3}') (and $(cat "$CTRD17_DIR/VERSION") in $CTRD17_DIR), runc $(runc --version | awk 'NR==1{print $3}'), mosquitto $(mosquitto -h 2>/dev/null | awk 'NR==1{print $3}'), $(cargo --version)"
