@@ -169,6 +169,30 @@ impl Worker {
     }
 }
 
+impl Drop for Worker {
+    /// Also on failure: politely, so the worker removes its instance namespaces (a SIGKILL
+    /// would leave them in /run/netns).
+    fn drop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            let _ = p.stop();
+        }
+    }
+}
+
+/// Removes instance namespaces named `<prefix>…` when dropped: the safety net for a worker
+/// that could not clean up (killed, or its stop timed out).
+struct NetnsSweep(String);
+
+impl Drop for NetnsSweep {
+    fn drop(&mut self) {
+        for n in ip_netns().into_iter().filter(|n| n.starts_with(&self.0)) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &n])
+                .output();
+        }
+    }
+}
+
 /// Which worker holds a container (index into `workers`).
 fn placed_on(workers: &[Worker], container: &str) -> Result<usize, String> {
     let on: Vec<usize> = (0..workers.len())
@@ -446,6 +470,8 @@ fn mdoc_round_robin_over_workers() {
     let tag = lan.tag.clone();
     let work_dir = WorkDir::new(&lan, "mdoc");
     let work = work_dir.0.clone();
+    let prefix = format!("mdoc.{}.", ns());
+    let _sweep = NetnsSweep(prefix.clone());
     let ctl = lan.add_host("ctl").unwrap_or_else(|e| panic!("{e}"));
     let mut fxs = Vec::new();
     for _ in 0..3 {
@@ -513,12 +539,11 @@ fn mdoc_round_robin_over_workers() {
     );
     let left: Vec<String> = ip_netns()
         .into_iter()
-        .filter(|n| n.starts_with("mdoc."))
+        .filter(|n| n.starts_with(&prefix))
         .collect();
     assert!(left.is_empty(), "instance namespaces left: {left:?}");
-    for w in workers {
-        w.fx.stop().unwrap_or_else(|e| panic!("{e}"));
-    }
+    // Their fixtures go down with them; the leftover checks below tell whether that worked.
+    drop(workers);
     drop(ctl);
     drop(work_dir);
     drop(lan);
@@ -641,6 +666,8 @@ fn mdnc_service_ip_across_clusters() {
     let tag = lan.tag.clone();
     let work_dir = WorkDir::new(&lan, "mdnc");
     let work = work_dir.0.clone();
+    let prefix = format!("mdnc.{}.", ns());
+    let _sweep = NetnsSweep(prefix.clone());
     let token = format!("e2e-join-{}", std::process::id());
     let clusters = ["mdnca", "mdncb"];
     let rt = lan.add_host("root").unwrap_or_else(|e| panic!("{e}"));
@@ -724,12 +751,10 @@ fn mdnc_service_ip_across_clusters() {
     }
     let left: Vec<String> = ip_netns()
         .into_iter()
-        .filter(|n| n.starts_with("mdnc."))
+        .filter(|n| n.starts_with(&prefix))
         .collect();
     assert!(left.is_empty(), "instance namespaces left: {left:?}");
-    for w in workers {
-        w.fx.stop().unwrap_or_else(|e| panic!("{e}"));
-    }
+    drop(workers);
     drop(rt);
     drop(work_dir);
     drop(lan);
