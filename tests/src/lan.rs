@@ -42,6 +42,19 @@ impl Host {
         c
     }
 
+    /// `cmd` (program, arguments, environment changes) to be started inside this host.
+    pub fn wrap(&self, cmd: &Command) -> Command {
+        let mut c = self.command(cmd.get_program());
+        c.args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        c
+    }
+
     /// Runs `args` inside the host and returns its stdout, or the failure with its stderr.
     pub fn run(&self, args: &[&str]) -> Result<String, String> {
         let out = self

@@ -315,14 +315,7 @@ fn clientsrvr_deploys_runs_and_undeploys() {
         &fx,
     );
     // The same command, started inside the host, with the overlay on.
-    let mut in_host = host.command(worker.get_program());
-    in_host.args(worker.get_args());
-    for (k, v) in worker.get_envs() {
-        match v {
-            Some(v) => in_host.env(k, v),
-            None => in_host.env_remove(k),
-        };
-    }
+    let mut in_host = host.wrap(&worker);
     in_host
         .env("OAK_NETWORK", "auto")
         .env("OAK_PUBLIC_ADDRESS", host.addr.to_string());

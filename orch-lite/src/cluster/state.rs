@@ -546,6 +546,18 @@ impl ClusterState {
         let job = self.jobs.get(job_id).cloned().unwrap_or(Value::Null);
         let job_name = job.get("job_name").and_then(Value::as_str).unwrap_or("");
         let mut effects = Vec::new();
+        // Workers that talk to this job keep its instances in their data planes until told to
+        // re-query (upstream's service manager publishes this on every undeploy, spec overlay
+        // §4.4); without it, new flows keep going to the removed instance. The root dropped the
+        // instance from its table before calling here, so the re-query sees the new list.
+        if !keys.is_empty() && !job_name.is_empty() {
+            effects.push(publish(
+                netstack::control::topic::updates_available(job_name),
+                &netstack::control::UpdatesAvailable {
+                    kind: "UNDEPLOYMENT".into(),
+                },
+            ));
+        }
         for k in keys {
             let Some(i) = self.instances.remove(&k) else {
                 continue;

@@ -229,6 +229,11 @@ fn no_worker_gives_negative_status_then_retries() {
         published(&eff, "/control/delete"),
         [format!("nodes/{w}/control/delete")]
     );
+    // Workers routing to the job re-query their tables (the overlay's service manager role).
+    assert_eq!(
+        published(&eff, "/updates_available"),
+        ["jobs/a.b.c.d/updates_available"]
+    );
     assert!(s.instance("j", 0).is_none());
     let eff = s.tick(T0 + 20 + s.cfg.timeouts.retry_base_ms * 4);
     assert_eq!(deploys(&eff).len(), 1);
