@@ -170,6 +170,7 @@ pub fn publish(
             stats: stats.clone(),
             stopped: stopped.clone(),
             logged_refusal: Cell::new(false),
+            logged_error: Cell::new(false),
         };
         let task = match m.proto {
             Proto::Tcp => {
@@ -198,13 +199,25 @@ struct Ctx {
     /// Closed when the instance's ports are unpublished.
     stopped: async_channel::Receiver<()>,
     logged_refusal: Cell<bool>,
+    logged_error: Cell<bool>,
 }
 
 impl Ctx {
-    fn refuse(&self, why: &str) {
+    /// Over a bound of `limit` `what`: counted, logged the first time only.
+    fn refuse(&self, limit: usize, what: &str) {
         bump(&self.stats.refused);
         if !self.logged_refusal.replace(true) {
-            log::warn!("{}: {why}; refusing more (counted, logged once)", self.what);
+            log::warn!(
+                "{}: {limit} {what} open; refusing more (counted, logged once)",
+                self.what
+            );
+        }
+    }
+
+    fn error(&self, e: &dyn std::fmt::Display) {
+        bump(&self.stats.errors);
+        if !self.logged_error.replace(true) {
+            log::warn!("{}: {e} (further errors counted, logged once)", self.what);
         }
     }
 
@@ -223,22 +236,18 @@ impl Drop for Slot {
 
 async fn tcp_accept(listener: Async<TcpListener>, ctx: Rc<Ctx>) {
     let active = Rc::new(Cell::new(0usize));
-    let mut logged_error = false;
     loop {
         let (client, _) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
                 // EMFILE and the like: back off instead of spinning.
-                bump(&ctx.stats.errors);
-                if !std::mem::replace(&mut logged_error, true) {
-                    log::warn!("{}: accept failed: {e}", ctx.what);
-                }
+                ctx.error(&format_args!("accept failed: {e}"));
                 Timer::after(Duration::from_millis(100)).await;
                 continue;
             }
         };
         if active.get() >= ctx.limits.max_tcp {
-            ctx.refuse(&format!("{} connections open", ctx.limits.max_tcp));
+            ctx.refuse(ctx.limits.max_tcp, "connections");
             continue;
         }
         let Some(ex) = ctx.ex.upgrade() else {
@@ -252,8 +261,7 @@ async fn tcp_accept(listener: Async<TcpListener>, ctx: Rc<Ctx>) {
             let _slot = slot;
             let work = async {
                 if let Err(e) = tcp_pipe(client, &c).await {
-                    bump(&c.stats.errors);
-                    log::debug!("{}: {e}", c.what);
+                    c.error(&e);
                 }
             };
             work.or(c.until_stopped()).await;
@@ -295,15 +303,11 @@ struct Flow {
 async fn udp_relay(sock: Rc<Async<UdpSocket>>, ctx: Rc<Ctx>) {
     let flows: Rc<RefCell<HashMap<SocketAddr, Rc<Flow>>>> = Rc::default();
     let mut buf = vec![0u8; 65536];
-    let mut logged_error = false;
     loop {
         let (n, from) = match sock.recv_from(&mut buf).await {
             Ok(x) => x,
             Err(e) => {
-                bump(&ctx.stats.errors);
-                if !std::mem::replace(&mut logged_error, true) {
-                    log::warn!("{}: receive failed: {e}", ctx.what);
-                }
+                ctx.error(&format_args!("receive failed: {e}"));
                 Timer::after(Duration::from_millis(100)).await;
                 continue;
             }
@@ -313,14 +317,13 @@ async fn udp_relay(sock: Rc<Async<UdpSocket>>, ctx: Rc<Ctx>) {
             Some(f) => f,
             None => {
                 if flows.borrow().len() >= ctx.limits.max_udp_flows {
-                    ctx.refuse(&format!("{} UDP flows open", ctx.limits.max_udp_flows));
+                    ctx.refuse(ctx.limits.max_udp_flows, "UDP flows");
                     continue;
                 }
                 match new_flow(&sock, &ctx, &flows, from) {
                     Ok(f) => f,
                     Err(e) => {
-                        bump(&ctx.stats.errors);
-                        log::debug!("{}: {e}", ctx.what);
+                        ctx.error(&format_args!("new UDP flow: {e}"));
                         continue;
                     }
                 }
@@ -422,6 +425,96 @@ mod tests {
         );
         // the same host port for both protocols is fine
         assert_eq!(parse("53/tcp;53/udp").unwrap().len(), 2);
+    }
+
+    fn free_port() -> u16 {
+        TcpListener::bind("0.0.0.0:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap()
+    }
+
+    /// Real loopback sockets, no root: a published TCP port relays both ways (with the
+    /// client's half-close), the connection bound refuses and counts, UDP flows relay replies,
+    /// and dropping the publication closes the port.
+    #[test]
+    fn forwarders_relay_and_enforce_their_bounds() {
+        use std::io::{Read, Write};
+        let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp_to = backend.local_addr().unwrap().port();
+        let echo = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let udp_to = echo.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for mut c in backend.incoming().flatten() {
+                let mut got = Vec::new();
+                let _ = c.read_to_end(&mut got);
+                let _ = c.write_all(&[b"echo:".as_slice(), &got].concat());
+            }
+        });
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 100];
+            while let Ok((n, from)) = echo.recv_from(&mut buf) {
+                let _ = echo.send_to(&buf[..n], from);
+            }
+        });
+        let (tcp_port, udp_port) = (free_port(), free_port());
+        let maps = [
+            m(tcp_port, tcp_to, Proto::Tcp),
+            m(udp_port, udp_to, Proto::Udp),
+        ];
+        let ex = Rc::new(LocalExecutor::new());
+        let stats = Rc::new(PortStats::default());
+        let limits = Limits {
+            max_tcp: 1,
+            ..Limits::default()
+        };
+        let published = publish(&ex, &maps, Ipv4Addr::LOCALHOST, "t", limits, &stats).unwrap();
+        // the same host port again: refused with the bind error
+        let e = publish(&ex, &maps[..1], Ipv4Addr::LOCALHOST, "t2", limits, &stats).unwrap_err();
+        assert!(
+            e.contains(&format!("{tcp_port}/tcp is not available")),
+            "{e}"
+        );
+
+        let client = std::thread::spawn(move || {
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, tcp_port));
+            let mut first = TcpStream::connect(addr).unwrap();
+            first.write_all(b"hello").unwrap();
+            // over the bound while the first is open: closed without data
+            std::thread::sleep(Duration::from_millis(100));
+            let mut second = TcpStream::connect(addr).unwrap();
+            second
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut refused = Vec::new();
+            let r = second.read_to_end(&mut refused);
+            assert!(r.is_err() || refused.is_empty(), "{refused:?}");
+            first.shutdown(Shutdown::Write).unwrap();
+            let mut answer = String::new();
+            first.read_to_string(&mut answer).unwrap();
+            let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+            u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            u.send_to(b"dgram", (Ipv4Addr::LOCALHOST, udp_port))
+                .unwrap();
+            let mut buf = [0u8; 16];
+            let (n, from) = u.recv_from(&mut buf).unwrap();
+            (answer, buf[..n].to_vec(), from.port())
+        });
+        let (answer, dgram, from) = async_io::block_on(ex.run(async {
+            loop {
+                if client.is_finished() {
+                    break client.join().unwrap();
+                }
+                Timer::after(Duration::from_millis(10)).await;
+            }
+        }));
+        assert_eq!(answer, "echo:hello");
+        assert_eq!((dgram.as_slice(), from), (b"dgram".as_slice(), udp_port));
+        assert_eq!((stats.tcp_accepted.get(), stats.refused.get()), (1, 1));
+
+        drop(published);
+        async_io::block_on(ex.run(Timer::after(Duration::from_millis(50))));
+        assert!(TcpStream::connect((Ipv4Addr::LOCALHOST, tcp_port)).is_err());
     }
 
     #[test]
