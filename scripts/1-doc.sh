@@ -65,6 +65,12 @@ stop() {
   # The instances outlive the worker by design (a restarted worker adopts them); the fixture
   # removes containerd, its containers, mounts and the registry.
   [ ! -d "$DIR/infra" ] || "$REPO/scripts/fixture.sh" down "$DIR/infra"
+  # A stopped worker leaves running instances wired for its next start; their containers are
+  # gone now, so their namespaces (and with them the veths) and the bridge go too.
+  for ns in /run/netns/"$APP".*; do
+    [ ! -e "$ns" ] || ip netns del "${ns##*/}" 2>/dev/null || true
+  done
+  ip link del goProxyBridge 2>/dev/null || true
   rm -rf "$DIR"
   left=$(leftovers "$instances")
   if [ -n "$left" ]; then

@@ -2,7 +2,8 @@
 //! a unix socket, spec worker-protocol §7, overlay-network §6) with its own MQTT client whose id
 //! is the bare node id. [`parse`] is the pure request decoder; [`run`] is the shell (tiny_http
 //! on its own thread, one queue of 50 requests into the executor, as upstream serialises them).
-//! Not here: unikernel endpoints and port publishing (`portMappings` is accepted and ignored).
+//! `portMappings` is published as the worker does it ([`super::ports`]). Not here: unikernel
+//! endpoints.
 
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -33,6 +34,7 @@ pub enum ApiRequest {
         pid: i32,
         service: String,
         instance: u32,
+        ports: String,
     },
     Undeploy {
         service: String,
@@ -62,6 +64,8 @@ struct DeployBody {
     service_name: String,
     #[serde(default)]
     instance_number: i64,
+    #[serde(default)]
+    port_mappings: Option<String>,
 }
 
 /// Decodes one request; `Err` is the answer to send (400, 404, 405, 501).
@@ -112,6 +116,7 @@ pub fn parse(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, Answer
                 pid,
                 service: b.service_name,
                 instance: instance(b.instance_number)?,
+                ports: b.port_mappings.unwrap_or_default(),
             })
         }
         "/container/undeploy" | "/docker/undeploy" => {
@@ -328,6 +333,7 @@ impl NetManager<'_> {
                 pid,
                 service,
                 instance,
+                ports,
             } => {
                 if self.node.is_none() {
                     let _ = reply.send(error(400, "not registered: POST /register first"));
@@ -339,7 +345,7 @@ impl NetManager<'_> {
                         let key = crate::protocol::container_id(&service, u64::from(instance));
                         let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
                         let a = match overlay
-                            .attach_existing(&key, &netns, &service, instance)
+                            .attach_existing(&key, &netns, &service, instance, &ports)
                             .await
                         {
                             Ok(ip) => (
@@ -424,7 +430,8 @@ mod tests {
             Ok(ApiRequest::Deploy {
                 pid: 1234,
                 service: "a.b.c.d".into(),
-                instance: 2
+                instance: 2,
+                ports: "8080:80".into()
             })
         );
         assert_eq!(

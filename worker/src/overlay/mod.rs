@@ -13,6 +13,7 @@
 pub mod api;
 pub mod manual;
 pub mod netns;
+pub mod ports;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -122,6 +123,7 @@ pub enum OverlayError {
     Plumbing(std::io::Error),
     Dataplane(String),
     NoAddress,
+    Ports(String),
     Stopped,
 }
 
@@ -140,6 +142,7 @@ impl std::fmt::Display for OverlayError {
             OverlayError::NoAddress => f.write_str(
                 "no IPv4 address to advertise for the overlay tunnel: set OAK_PUBLIC_ADDRESS",
             ),
+            OverlayError::Ports(e) => write!(f, "port publishing: {e}"),
             OverlayError::Stopped => f.write_str("the overlay is shut down"),
         }
     }
@@ -148,12 +151,14 @@ impl std::fmt::Display for OverlayError {
 impl std::error::Error for OverlayError {}
 
 /// One instance connected to the overlay.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Local {
     nsip: Ipv4Addr,
     netns: PathBuf,
     job: JobName,
     n: u32,
+    /// Its published ports (dropping closes them).
+    published: Option<ports::Published>,
 }
 
 /// What a restart needs to take an instance back: one JSON file per owned namespace under
@@ -186,6 +191,9 @@ struct Inner {
     ops: Sender<MqttOp>,
     ops_dropped: u64,
     stopped: bool,
+    /// Runs the port forwarders; driven by the overlay's task.
+    ports_ex: Rc<async_executor::LocalExecutor<'static>>,
+    port_stats: Rc<ports::PortStats>,
 }
 
 /// The overlay. Cheap to clone; every clone is the same overlay. Single-threaded (the
@@ -201,6 +209,10 @@ pub struct OverlayStatus {
     pub subnet: Option<Ipv4Addr>,
     pub instances: usize,
     pub ops_dropped: u64,
+    /// Connections accepted on published ports.
+    pub port_connections: u64,
+    /// Connections and UDP flows over the published ports' bounds.
+    pub port_refused: u64,
 }
 
 impl Overlay {
@@ -267,6 +279,8 @@ impl Overlay {
                 ops: ops_tx,
                 ops_dropped: 0,
                 stopped: false,
+                ports_ex: Rc::new(async_executor::LocalExecutor::new()),
+                port_stats: Rc::default(),
             })),
         };
         {
@@ -286,6 +300,12 @@ impl Overlay {
     }
 
     async fn run(self, from_session: Receiver<ToOverlay>, events: Receiver<Event>) {
+        // The port forwarders run while the overlay does, on the same thread.
+        let ex = self.inner.borrow().ports_ex.clone();
+        ex.run(self.serve(from_session, events)).await;
+    }
+
+    async fn serve(self, from_session: Receiver<ToOverlay>, events: Receiver<Event>) {
         enum Wake {
             Session(Option<ToOverlay>),
             Event(Event),
@@ -338,20 +358,25 @@ impl Overlay {
             subnet: i.subnet.map(|s| s.v4),
             instances: i.local.len(),
             ops_dropped: i.ops_dropped,
+            port_connections: i.port_stats.tcp_accepted.get(),
+            port_refused: i.port_stats.refused.get(),
         }
     }
 
     /// Connects a new instance: a named netns `<netns_dir>/<container_id>` with a veth on the
     /// bridge and the next address of the subnet, registered with the data plane and reported
-    /// to the cluster (`service/deployed`). Waits for the subnet if it has not arrived yet.
-    /// A second call for the same container returns the same namespace.
+    /// to the cluster (`service/deployed`), its `ports` (the job's `port` field) published on
+    /// the host. Waits for the subnet if it has not arrived yet. A second call for the same
+    /// container returns the same namespace.
     pub async fn attach_instance(
         &self,
         container_id: &str,
         job: &str,
         instance_number: u32,
+        ports: &str,
     ) -> Result<(PathBuf, Ipv4Addr), OverlayError> {
         let job = JobName::parse(job).map_err(|e| OverlayError::JobName(e.to_string()))?;
+        parse_ports(container_id, ports)?;
         let wait = self.inner.borrow().cfg.subnet_wait;
         let deadline = Instant::now() + wait;
         loop {
@@ -371,7 +396,7 @@ impl Overlay {
         }
         self.inner
             .borrow_mut()
-            .attach(container_id, &job, instance_number)
+            .attach(container_id, &job, instance_number, ports)
     }
 
     /// Undoes [`Overlay::attach_instance`]; unknown containers are fine (idempotent).
@@ -387,8 +412,10 @@ impl Overlay {
         netns: &Path,
         job: &str,
         instance_number: u32,
+        ports: &str,
     ) -> Result<Ipv4Addr, OverlayError> {
         let job = JobName::parse(job).map_err(|e| OverlayError::JobName(e.to_string()))?;
+        let maps = parse_ports(key, ports)?;
         let wait = self.inner.borrow().cfg.subnet_wait;
         let deadline = Instant::now() + wait;
         while self.inner.borrow().plumbing.is_none() {
@@ -400,9 +427,13 @@ impl Overlay {
             }
             Timer::after(Duration::from_millis(100)).await;
         }
-        self.inner
-            .borrow_mut()
-            .connect(key, netns, false, &job, instance_number)
+        let mut inner = self.inner.borrow_mut();
+        let nsip = inner.connect(key, netns, false, &job, instance_number)?;
+        if let Err(e) = inner.publish(key, &maps) {
+            inner.detach(key);
+            return Err(e);
+        }
+        Ok(nsip)
     }
 
     /// The subnet, once the cluster has answered.
@@ -433,7 +464,7 @@ impl Network for Overlay {
         Box::pin(async move {
             let n = u32::try_from(job.instance_number)
                 .map_err(|_| format!("instance number {} too large", job.instance_number))?;
-            self.attach_instance(container_id, &job.job_name, n)
+            self.attach_instance(container_id, &job.job_name, n, &job.port)
                 .await
                 .map(|(p, _)| Some(p))
                 .map_err(|e| e.to_string())
@@ -599,16 +630,18 @@ impl Inner {
         container_id: &str,
         job: &JobName,
         n: u32,
+        ports: &str,
     ) -> Result<(PathBuf, Ipv4Addr), OverlayError> {
         if let Some(l) = self.local.get(container_id) {
             return Ok((l.netns.clone(), l.nsip));
         }
+        let maps = parse_ports(container_id, ports)?;
         let mut rec = Record {
             netns: self.cfg.netns_dir.join(container_id),
             job: job.to_string(),
             instance: n,
             nsip: None,
-            ports: String::new(),
+            ports: ports.to_string(),
         };
         // Written before anything else can fail: a crash from here on is cleaned at start.
         self.write_record(container_id, &rec);
@@ -619,7 +652,17 @@ impl Inner {
                 return Err(OverlayError::Netns(container_id.into(), e));
             }
         };
-        match self.connect(container_id, &path, true, job, n) {
+        let connected = self
+            .connect(container_id, &path, true, job, n)
+            .and_then(|nsip| {
+                if let Err(e) = self.publish(container_id, &maps) {
+                    // detach removes the netns and the record too
+                    self.detach(container_id);
+                    return Err(e);
+                }
+                Ok(nsip)
+            });
+        match connected {
             Ok(nsip) => {
                 rec.nsip = Some(nsip);
                 self.write_record(container_id, &rec);
@@ -631,6 +674,31 @@ impl Inner {
                 Err(e)
             }
         }
+    }
+
+    /// Starts the forwarders of an attached instance.
+    fn publish(&mut self, key: &str, maps: &[ports::PortMap]) -> Result<(), OverlayError> {
+        if maps.is_empty() {
+            return Ok(());
+        }
+        let Some(l) = self.local.get_mut(key) else {
+            return Err(OverlayError::Stopped);
+        };
+        let p = ports::publish(
+            &self.ports_ex,
+            maps,
+            l.nsip,
+            key,
+            ports::Limits::default(),
+            &self.port_stats,
+        )
+        .map_err(|e| {
+            log::warn!("overlay: {key}: {e}");
+            OverlayError::Ports(e)
+        })?;
+        log::info!("overlay: {key}: {} ports published on the host", maps.len());
+        l.published = Some(p);
+        Ok(())
     }
 
     fn record_path(&self, key: &str) -> PathBuf {
@@ -677,6 +745,10 @@ impl Inner {
             };
             match r {
                 Ok(nsip) => {
+                    // A port taken meanwhile is logged; the instance keeps its overlay address.
+                    if let Ok(maps) = parse_ports(&key, &rec.ports) {
+                        let _ = self.publish(&key, &maps);
+                    }
                     log::info!(
                         "overlay: {key} re-attached at {nsip}{}",
                         if in_place.is_some() {
@@ -725,6 +797,7 @@ impl Inner {
                 netns: netns.to_path_buf(),
                 job: job.clone(),
                 n,
+                published: None,
             },
         );
         Ok(nsip)
@@ -773,6 +846,7 @@ impl Inner {
                 },
                 job: job.clone(),
                 n,
+                published: None,
             },
         );
         let now = self.now();
@@ -823,6 +897,9 @@ impl Inner {
         }
         self.stopped = true;
         let keep = keep_instances && !(self.local.is_empty() && self.survivors.is_empty());
+        for l in self.local.values_mut() {
+            l.published = None;
+        }
         if keep {
             if let Some(p) = self.plumbing.take() {
                 p.leave_in_place();
@@ -864,6 +941,14 @@ impl Drop for Inner {
     fn drop(&mut self) {
         self.shutdown(false);
     }
+}
+
+/// Parses a `port` field, logging a bad one once with the instance it came with.
+fn parse_ports(key: &str, spec: &str) -> Result<Vec<ports::PortMap>, OverlayError> {
+    ports::parse(spec).map_err(|e| {
+        log::warn!("overlay: {key}: bad port field {spec:?}: {e}");
+        OverlayError::Ports(format!("bad port field: {e}"))
+    })
 }
 
 fn subnet_file(cfg: &OverlayConfig) -> PathBuf {

@@ -196,24 +196,38 @@ pub fn start_worker(
     }
 }
 
+/// One microservice of a test SLA, pinned on worker `node`, with an RR address and a
+/// published `port` field.
+pub fn microservice(name: &str, node: &str, rr: Option<&str>, port: &str) -> serde_json::Value {
+    let mut m = serde_json::json!({"microserviceID":"","microservice_name":name,"microservice_namespace":"test",
+        "virtualization":"container","cmd":[],"memory":10,"vcpus":0,"vgpus":0,"vtpus":0,
+        "bandwidth_in":0,"bandwidth_out":0,"storage":0,"code":"docker.io/library/busybox:latest",
+        "state":"","port":port,"added_files":[],
+        "constraints":[{"type":"direct","node":node}]});
+    if let Some(rr) = rr {
+        m["addresses"] = serde_json::json!({"rr_ip": rr});
+    }
+    m
+}
+
+/// An SLA of application `app` (namespace `test`) with these microservices.
+pub fn sla_of(app: &str, services: Vec<serde_json::Value>) -> String {
+    serde_json::json!({"sla_version":"v2.0","customerID":"Admin","applications":[{"applicationID":"",
+        "application_name":app,"application_namespace":"test","application_desc":"overlay test",
+        "microservices":services}]})
+    .to_string()
+}
+
 /// The SLA of the overlay tests: service `client` pinned on worker `wa`, `server` (RR address
 /// `rr`, published `port`) on `wb`.
 pub fn sla(app: &str, rr: &str, port: &str) -> String {
-    let ms = |name: &str, node: &str, rr: Option<&str>, port: &str| {
-        let mut m = serde_json::json!({"microserviceID":"","microservice_name":name,"microservice_namespace":"test",
-            "virtualization":"container","cmd":[],"memory":10,"vcpus":0,"vgpus":0,"vtpus":0,
-            "bandwidth_in":0,"bandwidth_out":0,"storage":0,"code":"docker.io/library/busybox:latest",
-            "state":"","port":port,"added_files":[],
-            "constraints":[{"type":"direct","node":node}]});
-        if let Some(rr) = rr {
-            m["addresses"] = serde_json::json!({"rr_ip": rr});
-        }
-        m
-    };
-    serde_json::json!({"sla_version":"v2.0","customerID":"Admin","applications":[{"applicationID":"",
-        "application_name":app,"application_namespace":"test","application_desc":"overlay test",
-        "microservices":[ms("client", "wa", None, ""), ms("server", "wb", Some(rr), port)]}]})
-    .to_string()
+    sla_of(
+        app,
+        vec![
+            microservice("client", "wa", None, ""),
+            microservice("server", "wb", Some(rr), port),
+        ],
+    )
 }
 
 /// The root API as the tests use it: post an SLA, deploy every service, wait for instance
