@@ -75,7 +75,14 @@ pub struct ClusterState {
     pub metrics: Arc<Metrics>,
     id_seed: [u8; 5],
     id_counter: u32,
+    /// When [`ClusterState::tick`] last ran, to notice that this process itself stood still.
+    last_tick_ms: Option<u64>,
 }
+
+/// A gap between two ticks (every 500 ms) longer than this means the cluster did not run:
+/// stopped (SIGSTOP), a suspended VM, a starved host. With the embedded broker nobody could
+/// reach it meanwhile either.
+const STALL_MS: u64 = 3_000;
 
 /// A 24-hex id shaped like a MongoDB ObjectId (seconds, 5 random bytes, counter), because
 /// upstream's clients and the NetManager's service manager expect that shape.
@@ -160,6 +167,7 @@ impl ClusterState {
             metrics,
             id_seed: random_seed(),
             id_counter: 0,
+            last_tick_ms: None,
         }
     }
 
@@ -672,6 +680,7 @@ impl ClusterState {
 
     /// Drives every instance's timeouts.
     pub fn tick(&mut self, now: u64) -> Vec<Effect> {
+        self.forgive_own_stall(now);
         let keys: Vec<(String, Option<u64>)> = self
             .instances
             .iter()
@@ -695,6 +704,38 @@ impl ClusterState {
             ));
         }
         effects
+    }
+
+    /// After the cluster stood still, the silence it measures is its own, as after a restart
+    /// (see `load`): worker liveness and placed instances' timers move on by the gap (never
+    /// past now),
+    /// so workers get back the time they had. Without it, the first tick after a 60 s freeze
+    /// failed every instance of every worker ("silent for 60 s") and stopped them, healthy ones
+    /// included.
+    fn forgive_own_stall(&mut self, now: u64) {
+        let Some(last) = self.last_tick_ms.replace(now) else {
+            return;
+        };
+        let gap = now.saturating_sub(last);
+        if gap <= STALL_MS {
+            return;
+        }
+        log::warn!(
+            "the cluster did not run for {:.1} s (stopped or starved): worker and instance timeouts are extended by that time",
+            gap as f64 / 1000.0
+        );
+        let later = |t: u64| t.saturating_add(gap).min(now);
+        for n in self.nodes.values_mut() {
+            n.last_seen_ms = later(n.last_seen_ms);
+        }
+        // Only the timers that wait for word from a worker; backoffs and scheduling retries
+        // do not depend on anyone reaching the cluster.
+        for i in self.instances.values_mut().filter(|i| i.holds_resources()) {
+            i.since_ms = later(i.since_ms);
+            if i.last_report_ms != 0 {
+                i.last_report_ms = later(i.last_report_ms);
+            }
+        }
     }
 
     // ---------------------------------------------------------------- views

@@ -470,3 +470,50 @@ fn report_aggregates_active_workers_and_jobs() {
     assert_eq!(st["nodes"].as_array().unwrap().len(), 2);
     assert_eq!(st["instances"][0]["job_name"], "a.b.c.d");
 }
+
+/// The drill of #3.4: the cluster process is frozen (SIGSTOP) for 60 s, longer than the node
+/// timeout. Its first tick afterwards must not blame the workers for its own silence; a worker
+/// that stays silent after the freeze still fails its instances one timeout later.
+#[test]
+fn a_frozen_cluster_does_not_fail_the_workers_it_could_not_hear() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = state_in(dir.path(), None, T0);
+    let w1 = s.register(worker("w1", "m1", 2, 2000), None, T0).unwrap();
+    s.deploy("j", 0, job("a.b.c.d", 1.0, 100), T0).unwrap();
+    let listed = r#"{"services":[{"job_name":"a.b.c.d","instance":0,"cpu_percent":"0","memory_percent":"0","disk":"0"}]}"#;
+    let mut now = T0;
+    for _ in 0..4 {
+        now += 500;
+        msg(&mut s, &format!("nodes/{w1}/jobs/resources"), listed, now);
+        assert!(s.tick(now).is_empty());
+    }
+    assert_eq!(s.instance("j", 0).unwrap().status, Status::Running);
+    // Frozen for 60 s; the node timeout is 30 s.
+    now += 60_000;
+    let eff = s.tick(now);
+    assert!(published(&eff, "/control/delete").is_empty(), "{eff:?}");
+    assert_eq!(s.instance("j", 0).unwrap().status, Status::Running);
+    assert_eq!(s.active_nodes(now), 1);
+    // The worker reports again: all well.
+    now += 500;
+    msg(&mut s, &format!("nodes/{w1}/jobs/resources"), listed, now);
+    s.tick(now);
+    assert_eq!(s.instance("j", 0).unwrap().status, Status::Running);
+    // A worker that stays silent after the freeze is still found out, one timeout later.
+    let timeout = s.cfg.timeouts.node_silence_ms;
+    let last = now;
+    while now < last + timeout - 500 {
+        now += 500;
+        s.tick(now);
+    }
+    assert_eq!(s.instance("j", 0).unwrap().status, Status::Running);
+    now += 1000;
+    let eff = s.tick(now);
+    let i = s.instance("j", 0).unwrap();
+    assert_eq!(i.status, Status::Failed, "{eff:?}");
+    assert!(
+        i.status_detail.contains("silent for 30 s"),
+        "{}",
+        i.status_detail
+    );
+}
