@@ -141,8 +141,9 @@ impl World {
             .env("OAK_CLUSTER_API_ADDR", format!("127.0.0.1:{cluster_port}"))
             .env("OAK_MQTT_ADDR", format!("127.0.0.1:{mqtt_port}"))
             .env("OAK_CLUSTER_NAME", "drills")
-            // The embedded broker logs every packet at info.
-            .env("RUST_LOG", "info,rumqttd=warn")
+            // The embedded broker logs every packet, some at error level: silenced, so the logs
+            // dumped on failure show the cluster's story.
+            .env("RUST_LOG", "info,rumqttd=off")
             .env("OAK_NODE_TIMEOUT_MS", opts.node_timeout_ms.to_string());
         for (k, v) in &opts.orch_env {
             cmd.env(k, v);

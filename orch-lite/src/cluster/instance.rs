@@ -29,6 +29,10 @@ pub struct Timeouts {
     /// so a broken image does not hammer the workers (upstream retries every 15 s forever).
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
+    /// RUNNING this long ends a streak of failures (the backoff starts over). Reaching RUNNING
+    /// alone does not: a container that crashes a second after it starts is listed as running
+    /// in between, and resetting there restarted it every few seconds forever.
+    pub stable_ms: u64,
 }
 
 impl Default for Timeouts {
@@ -41,6 +45,7 @@ impl Default for Timeouts {
             schedule_ms: 5_000,
             retry_base_ms: 2_000,
             retry_max_ms: 60_000,
+            stable_ms: 300_000,
         }
     }
 }
@@ -66,7 +71,8 @@ pub struct Instance {
     /// Unix ms of the last `jobs/resources` listing by its worker.
     #[serde(default)]
     pub last_report_ms: u64,
-    /// Consecutive failed attempts, for the retry backoff; reset on RUNNING.
+    /// Consecutive failed attempts, for the retry backoff; reset once RUNNING for
+    /// `Timeouts::stable_ms`.
     #[serde(default)]
     pub attempts: u32,
     /// Resources reserved on `worker_id` while placed.
@@ -295,14 +301,18 @@ pub fn step(inst: &Instance, ev: &Event, now: u64, t: &Timeouts) -> Outcome {
             let mut n = inst.clone();
             n.last_report_ms = now;
             if inst.status == Running {
+                // Stable long enough: the failures before were an episode, not a crash loop.
+                let stable = n.attempts > 0 && age >= t.stable_ms;
+                if stable {
+                    n.attempts = 0;
+                }
                 Outcome {
                     next: n,
                     actions: Vec::new(),
-                    changed: false,
+                    changed: stable,
                 }
             } else {
                 let mut n = enter(&n, Running, String::new(), now);
-                n.attempts = 0;
                 n.failed_on = None;
                 changed(n, Vec::new())
             }
@@ -539,6 +549,74 @@ mod tests {
         );
         // An unknown worker counts as silent.
         assert_eq!(tick(&r, 2000, None).next.status, Status::Failed);
+    }
+
+    /// A container that exits a second after it starts is listed as RUNNING in between: each
+    /// crash must still lengthen the wait (2 s, 4 s, 8 s ...), and only a run of `stable_ms`
+    /// starts the backoff over.
+    #[test]
+    fn crash_loop_backs_off_until_a_stable_run() {
+        let t = t();
+        let dead = Event::WorkerStatus {
+            status: Status::Dead,
+            detail: "exited with code 3",
+            publicip: "",
+        };
+        let mut i = Instance::new("j", 0, 1.0, 100, 0);
+        let mut now = 0;
+        let mut waits = Vec::new();
+        for round in 0..5 {
+            let w = if round % 2 == 0 { "w1" } else { "w2" };
+            let placed = Event::Placed {
+                worker_id: w,
+                host_ip: "",
+                host_port: "",
+            };
+            i = step(&i, &placed, now, &t).next;
+            now += 500;
+            i = step(&i, &Event::Listed, now, &t).next;
+            assert_eq!(i.status, Status::Running);
+            now += 1000;
+            let o = step(&i, &dead, now, &t);
+            assert_eq!(o.actions, vec![Action::StopOn(w.into())]);
+            i = o.next;
+            assert_eq!((i.status, i.attempts), (Status::Dead, round + 1));
+            // Tick until the retry comes.
+            let failed_at = now;
+            loop {
+                now += 100;
+                let o = tick(&i, now, None);
+                if o.actions == vec![Action::Schedule] {
+                    i = o.next;
+                    break;
+                }
+            }
+            waits.push(now - failed_at);
+        }
+        assert_eq!(waits, [2_000, 4_000, 8_000, 16_000, 32_000]);
+        // A stable run ends the streak: the next crash waits the base delay again.
+        i = step(
+            &i,
+            &Event::Placed {
+                worker_id: "w1",
+                host_ip: "",
+                host_port: "",
+            },
+            now,
+            &t,
+        )
+        .next;
+        i = step(&i, &Event::Listed, now + 10, &t).next;
+        let started = i.since_ms;
+        let o = step(&i, &Event::Listed, started + t.stable_ms - 1, &t);
+        assert!(!o.changed);
+        assert_eq!(o.next.attempts, 5);
+        let o = step(&o.next, &Event::Listed, started + t.stable_ms, &t);
+        assert!(o.changed, "the reset is persisted");
+        assert_eq!(o.next.attempts, 0);
+        let o = step(&o.next, &dead, started + t.stable_ms + 1, &t);
+        assert_eq!(o.next.attempts, 1);
+        assert_eq!(o.next.retry_delay(&t), t.retry_base_ms);
     }
 
     #[test]

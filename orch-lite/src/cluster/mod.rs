@@ -159,7 +159,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
         }
     };
     let client_id = format!("orch-lite-cluster-{}", std::process::id());
-    let (client, events) = mqtt::client(&host, port, &client_id, MAX_PAYLOAD);
+    let embedded = matches!(cfg.mqtt, Mqtt::Embedded { .. });
+    let (client, events) = mqtt::client(&host, port, &client_id, MAX_PAYLOAD, embedded);
     let (root_tx, root_rx) = match &cfg.root_url {
         Some(_) => {
             let (tx, rx) = sync_channel(root_link::QUEUE);

@@ -1,5 +1,6 @@
 //! The cluster's MQTT client: connects to the broker (embedded, over loopback, or external),
-//! subscribes to the worker topics at QoS 1 on every connection (clean session), and feeds each
+//! subscribes to the worker topics at QoS 1 on every connection (a session kept across
+//! reconnects with the embedded broker, clean with an external one), and feeds each
 //! message to the handlers. Reconnects forever with a capped backoff; never exits on bad input.
 //! The state hears of every loss and return of the connection, so worker liveness is not judged
 //! while the cluster itself cannot hear the workers.
@@ -21,16 +22,23 @@ pub const SUBSCRIPTIONS: [&str; 4] = [
 /// instance timeouts retry whatever was lost.
 pub const QUEUE: usize = 1024;
 
+/// `persistent`: keep the session (subscriptions and the QoS 1 messages published meanwhile)
+/// across reconnects. Used with the embedded broker, which lives exactly as long as this
+/// process: after a stall (SIGSTOP, a starved host) the broker drops our connection on resume,
+/// and with a clean session the workers' reports sent before we resubscribe (a DEAD queued
+/// during the outage) were lost. An external broker would keep a per-process session after
+/// we exit, so there the session stays clean.
 pub fn client(
     host: &str,
     port: u16,
     client_id: &str,
     max_payload: usize,
+    persistent: bool,
 ) -> (AsyncClient, EventLoop) {
     let mut opts = MqttOptions::new(client_id, host, port);
     // Upstream's cluster uses 5 s: a dead broker is noticed quickly.
     opts.set_keep_alive(Duration::from_secs(5));
-    opts.set_clean_session(true);
+    opts.set_clean_session(!persistent);
     opts.set_max_packet_size(max_payload + 1024, max_payload + 1024);
     AsyncClient::new(opts, QUEUE)
 }

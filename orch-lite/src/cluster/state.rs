@@ -76,6 +76,8 @@ pub struct ClusterState {
     id_seed: [u8; 5],
     id_counter: u32,
     broker: BrokerLink,
+    /// When [`ClusterState::tick`] last ran, to notice that this process itself stood still.
+    last_tick_ms: Option<u64>,
 }
 
 /// The cluster's own connection to the MQTT broker, as liveness needs it: while the cluster
@@ -89,6 +91,11 @@ enum BrokerLink {
     /// Disconnected since this unix ms: silence is judged as of that moment.
     Down { since: u64 },
 }
+
+/// A gap between two ticks (every 500 ms) longer than this means the cluster did not run:
+/// stopped (SIGSTOP), a suspended VM, a starved host. With the embedded broker nobody could
+/// reach it meanwhile either.
+const STALL_MS: u64 = 3_000;
 
 /// A 24-hex id shaped like a MongoDB ObjectId (seconds, 5 random bytes, counter), because
 /// upstream's clients and the NetManager's service manager expect that shape.
@@ -174,6 +181,7 @@ impl ClusterState {
             id_seed: random_seed(),
             id_counter: 0,
             broker: BrokerLink::Up { since: now },
+            last_tick_ms: None,
         }
     }
 
@@ -745,9 +753,12 @@ impl ClusterState {
     /// Drives every instance's timeouts.
     pub fn tick(&mut self, now: u64) -> Vec<Effect> {
         if let BrokerLink::Down { .. } = self.broker {
-            // Nothing the workers say can arrive, and nothing we send would: wait.
+            // Nothing the workers say can arrive, and nothing we send would: wait. The broker
+            // link already stops the liveness clock, so this is no stall to forgive later.
+            self.last_tick_ms = Some(now);
             return Vec::new();
         }
+        self.forgive_own_stall(now);
         let keys: Vec<(String, Option<u64>)> = self
             .instances
             .iter()
@@ -771,6 +782,38 @@ impl ClusterState {
             ));
         }
         effects
+    }
+
+    /// After the cluster stood still, the silence it measures is its own, as after a restart
+    /// (see `load`): worker liveness and placed instances' timers move on by the gap (never
+    /// past now),
+    /// so workers get back the time they had. Without it, the first tick after a 60 s freeze
+    /// failed every instance of every worker ("silent for 60 s") and stopped them, healthy ones
+    /// included.
+    fn forgive_own_stall(&mut self, now: u64) {
+        let Some(last) = self.last_tick_ms.replace(now) else {
+            return;
+        };
+        let gap = now.saturating_sub(last);
+        if gap <= STALL_MS {
+            return;
+        }
+        log::warn!(
+            "the cluster did not run for {:.1} s (stopped or starved): worker and instance timeouts are extended by that time",
+            gap as f64 / 1000.0
+        );
+        let later = |t: u64| t.saturating_add(gap).min(now);
+        for n in self.nodes.values_mut() {
+            n.last_seen_ms = later(n.last_seen_ms);
+        }
+        // Only the timers that wait for word from a worker; backoffs and scheduling retries
+        // do not depend on anyone reaching the cluster.
+        for i in self.instances.values_mut().filter(|i| i.holds_resources()) {
+            i.since_ms = later(i.since_ms);
+            if i.last_report_ms != 0 {
+                i.last_report_ms = later(i.last_report_ms);
+            }
+        }
     }
 
     // ---------------------------------------------------------------- views
