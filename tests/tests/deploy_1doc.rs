@@ -345,8 +345,9 @@ fn clientsrvr_deploys_runs_and_undeploys() {
         "NodeEngine exited with {st}:\n{}",
         ne.tail(20)
     );
-    // The stopped worker took its network along: no TUN, bridge or veth in its host, no
-    // instance namespace in /run/netns (the instances themselves live on until adopted).
+    // A stopped worker leaves running instances wired (the next start re-attaches them): its
+    // TUN is gone, the bridge and the running server's veth and namespace stay; nothing is left
+    // of the undeployed client.
     let links = host
         .run(&["ip", "-o", "link", "show"])
         .unwrap_or_else(|e| panic!("{e}"));
@@ -354,9 +355,25 @@ fn clientsrvr_deploys_runs_and_undeploys() {
         .lines()
         .filter(|l| !l.contains(": lo:") && !l.contains(": eth0@"))
         .collect();
+    let server_ns = format!("clientsrvr.{0}.server.{0}.instance.0", ns());
     assert!(
-        ours.is_empty(),
-        "the worker left links in its host: {ours:#?}"
+        !links.contains("goProxyTun"),
+        "the stopped worker left its TUN: {ours:#?}"
+    );
+    assert_eq!(
+        ours.iter()
+            .filter(|l| l.contains(": goProxyBridge:"))
+            .count(),
+        1,
+        "bridge kept for the running server: {ours:#?}"
+    );
+    let veths: Vec<&&str> = ours
+        .iter()
+        .filter(|l| l.contains("master goProxyBridge"))
+        .collect();
+    assert!(
+        veths.len() == 1 && veths[0].contains(&server_ns),
+        "exactly the server's veth stays: {ours:#?}"
     );
     let prefix = format!("clientsrvr.{}.", ns());
     let left: Vec<String> = ip_netns()
@@ -364,7 +381,11 @@ fn clientsrvr_deploys_runs_and_undeploys() {
         .into_iter()
         .filter(|n| n.starts_with(&prefix))
         .collect();
-    assert!(left.is_empty(), "instance namespaces left: {left:?}");
+    assert_eq!(
+        left,
+        vec![server_ns.clone()],
+        "instance namespaces after the stop"
+    );
     let st = orch
         .stop()
         .unwrap_or_else(|e| panic!("{e}\n{}", orch.tail(20)));
@@ -385,6 +406,21 @@ fn clientsrvr_deploys_runs_and_undeploys() {
             "server process {pid} survived the fixture"
         );
     }
+    // With the server gone, its namespace is an unused leftover: a user's next worker start
+    // removes it; this test removes it itself (the host's bridge and veth go with the host).
+    let st = std::process::Command::new("ip")
+        .args(["netns", "delete", &server_ns])
+        .status();
+    assert!(
+        st.as_ref().is_ok_and(|s| s.success()),
+        "ip netns delete {server_ns}: {st:?}"
+    );
+    let left: Vec<String> = ip_netns()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    assert!(left.is_empty(), "instance namespaces left: {left:?}");
     std::fs::remove_dir_all(&work).unwrap_or_else(|e| panic!("removing {}: {e}", work.display()));
     for dir in [&fx_dir, &work] {
         let left = e2e::leftovers(dir);
