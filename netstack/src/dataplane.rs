@@ -7,14 +7,16 @@
 //! owner needs no lock on the packet path; the data path stays off the worker's async
 //! executor; and a blocking loop is what batching slots into.
 //!
-//! Where the time goes, and what the loop does about it (figures from the overlay bench on a
-//! 2-vCPU VM): waking a thread that sleeps in poll(2) costs ~50 µs there, and a round trip
-//! through the overlay wakes four (each data plane, each way), which was nearly all of the
-//! +215 µs added to a ping; after traffic the loop therefore keeps polling without sleeping
-//! for `busy_poll_us`, so a reply arriving shortly after a request finds it awake. Per packet,
-//! the syscalls dominated: the tunnel side batches them (`recvmmsg`/`sendmmsg`, UDP GSO and
-//! GRO, [`crate::batch`]), and the TUN side takes TCP super-segments from the kernel and hands
-//! merged ones back ([`crate::gso`]), so ~45 packets cost one TUN read or write.
+//! Where the time goes, and what the loop does about it (overlay bench, 2-vCPU VM): per
+//! packet, the syscalls dominated. The tunnel side batches them (`recvmmsg`/`sendmmsg`, UDP
+//! GSO and GRO, [`crate::batch`]); the TUN side takes TCP super-segments from the kernel and
+//! hands merged ones back ([`crate::gso`]), so ~45 packets cost one TUN read and ~30 one TUN
+//! write. Latency at low packet rates is another matter: a round trip through the overlay
+//! wakes three sleeping threads more than the routed path does, and waking a thread on an idle
+//! vCPU costs tens of µs there, which is nearly all of the ~230 µs a ping at 10 ms intervals
+//! adds (pings 0.2 ms apart add ~30 µs). `busy_poll_us` keeps the loop polling after traffic
+//! so a prompt reply finds it awake; it did not measurably help on 2 shared cores and made
+//! TCP connects slower there (spinning competes with the instances), so it is off by default.
 
 use crate::batch::{self, RxBatch, TxQueue};
 use crate::control::{JobName, NodeSubnet, TableUpdate};
@@ -55,8 +57,8 @@ pub struct DataplaneConfig {
     /// refuses it; `false` moves every packet on its own, as upstream does.
     pub offload: bool,
     /// How long the loop keeps polling without sleeping after it moved a packet (0: always
-    /// sleep). Costs CPU only while traffic flows; saves a thread wakeup per packet that
-    /// arrives within the window (see the module doc).
+    /// sleep, the default). Costs CPU only while traffic flows; saves a thread wakeup per
+    /// packet that arrives within the window, on machines with cores to spare (module doc).
     pub busy_poll_us: u32,
 }
 
