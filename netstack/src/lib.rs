@@ -16,6 +16,7 @@
 //! - a table query result: `session::Session::on_message` → `Proxy::apply_table_update`;
 //! - a container's veth and address: `plumbing::Plumbing::attach`.
 
+pub mod batch;
 pub mod checksum;
 pub mod config;
 pub mod control;
@@ -23,6 +24,7 @@ pub mod craft;
 pub mod dataplane;
 pub mod directory;
 pub mod flows;
+pub mod gso;
 pub mod icmp;
 pub mod netlink;
 pub mod packet;

@@ -52,15 +52,40 @@ fn ioctl(fd: &impl AsRawFd, req: libc::c_ulong, r: &mut IfReq, what: &str) -> io
     Ok(())
 }
 
-/// An open TUN device. Reads and writes are whole IP packets.
+/// An open TUN device. Reads and writes are whole IP packets, each preceded by a
+/// [`crate::gso::VnetHdr`] when opened with [`Tun::open_vnet`].
 pub struct Tun {
     file: File,
     name: String,
+    vnet_hdr: bool,
 }
 
 impl Tun {
     /// Creates (or attaches to) TUN device `name`, non-blocking, without packet info.
     pub fn open(name: &str) -> io::Result<Tun> {
+        Tun::open_with(name, false)
+    }
+
+    /// Like [`Tun::open`], with a virtio-net header before every packet and the checksum and
+    /// TSO4 offloads offered, so the kernel may hand over TCP super-segments with partial
+    /// checksums. `Ok(false)` in the second field: the kernel refused the offloads (the
+    /// header stays, always without GSO).
+    pub fn open_vnet(name: &str) -> io::Result<(Tun, bool)> {
+        let tun = Tun::open_with(name, true)?;
+        let flags = libc::TUN_F_CSUM | libc::TUN_F_TSO4;
+        // SAFETY: TUNSETOFFLOAD takes its argument by value.
+        let rc = unsafe { libc::ioctl(tun.file.as_raw_fd(), libc::TUNSETOFFLOAD as _, flags) };
+        if rc < 0 {
+            log::warn!(
+                "TUN {}: offloads refused ({}); packets go one by one",
+                tun.name,
+                io::Error::last_os_error()
+            );
+        }
+        Ok((tun, rc >= 0))
+    }
+
+    fn open_with(name: &str, vnet_hdr: bool) -> io::Result<Tun> {
         // SAFETY: plain open(2) of a constant path.
         let fd = unsafe {
             libc::open(
@@ -78,12 +103,24 @@ impl Tun {
         // SAFETY: fd was just returned by open and is owned by nobody else.
         let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
         let mut r = IfReq::new(name)?;
-        let flags = (libc::IFF_TUN | libc::IFF_NO_PI) as i16;
+        let mut flags = (libc::IFF_TUN | libc::IFF_NO_PI) as i16;
+        if vnet_hdr {
+            flags |= libc::IFF_VNET_HDR as i16;
+        }
         r.data[..2].copy_from_slice(&flags.to_ne_bytes());
         ioctl(&file, libc::TUNSETIFF as libc::c_ulong, &mut r, "TUNSETIFF")?;
         let len = r.name.iter().position(|b| *b == 0).unwrap_or(IFNAMSIZ);
         let name = String::from_utf8_lossy(&r.name[..len]).into_owned();
-        Ok(Tun { file, name })
+        Ok(Tun {
+            file,
+            name,
+            vnet_hdr,
+        })
+    }
+
+    /// Whether every read and write carries a virtio-net header.
+    pub fn vnet_hdr(&self) -> bool {
+        self.vnet_hdr
     }
 
     pub fn name(&self) -> &str {
