@@ -129,6 +129,16 @@ async fn assert_gone(fx: &Fixture, ns: &str, id: &str) {
     assert!(containers.iter().all(|c| c.id != id), "container {id} left");
     let snap = cl.snapshot_stat(&fx.snapshotter, id).await;
     assert!(snap.unwrap_err().is_not_found(), "snapshot {id} left");
+    // The deploy's lease pins its snapshot and content until the container record holds them;
+    // one left behind keeps them from the GC for good.
+    let out = fx.ctr(ns).args(["leases", "ls", "-q"]).output().unwrap();
+    assert!(out.status.success(), "ctr leases ls: {out:?}");
+    let leases = String::from_utf8_lossy(&out.stdout);
+    let lease = format!("oak-deploy-{id}");
+    assert!(
+        leases.lines().all(|l| l.trim() != lease),
+        "lease {lease} left"
+    );
 }
 
 fn cgroup_file(controller: &str, ns: &str, id: &str, file: &str) -> PathBuf {
