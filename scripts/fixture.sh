@@ -15,7 +15,9 @@
 # Environment: OAK_BUSYBOX_CACHE (busybox-<debian arch> binaries), OAK_FIXTURE_CACHE (built image
 # cache, keyed by its inputs; default /var/cache/oakestra-test/fixture-image, empty: off),
 # FIXTURE_WAIT_SECS (default 20), FIXTURE_REGISTRY_HOST (default 127.0.0.1: where the registry
-# binds, see start_registry).
+# binds, see start_registry), FIXTURE_CONTAINERD (containerd binary to run, default the one
+# on PATH; e.g. /var/cache/oakestra-test/containerd-1.7/bin/containerd from setup-deps.sh: its dir
+# goes first on containerd's PATH so the shim and ctr beside it are the ones used).
 set -euo pipefail
 
 SCRIPT=$(readlink -f "${BASH_SOURCE[0]}")
@@ -140,21 +142,36 @@ disabled_plugins = [
 TOML
 }
 
+# containerd_bin: the containerd to start (FIXTURE_CONTAINERD or PATH's), as an absolute path.
+containerd_bin() {
+  local b=${FIXTURE_CONTAINERD:-containerd}
+  case $b in
+    */*) [ -x "$b" ] || die "FIXTURE_CONTAINERD=$b is not an executable (run scripts/setup-deps.sh?)" ;;
+    *) b=$(command -v "$b") || die "containerd not found: run scripts/setup-deps.sh" ;;
+  esac
+  realpath -- "$b"
+}
+
 start_containerd() {
-  local dir=$1 snap=$2 i
+  local dir=$1 snap=$2 i bin bindir
+  bin=$(containerd_bin)
+  bindir=$(dirname "$bin")
   mkdir -p "$dir/containerd/root" "$dir/containerd/state"
   write_containerd_config "$dir"
-  setsid containerd --config "$dir/containerd.toml" </dev/null >"$dir/containerd.log" 2>&1 &
+  # containerd looks the shim up on PATH first; a containerd from another dir must get the shim
+  # of its own release, and the version probes below its own ctr.
+  PATH=$bindir:$PATH setsid "$bin" --config "$dir/containerd.toml" </dev/null >"$dir/containerd.log" 2>&1 &
   echo $! >"$dir/containerd.pid"
+  echo "$bin" >"$dir/containerd.bin"
   for ((i = 0; i < WAIT_SECS * 10; i++)); do
     if ! [ -d "/proc/$(cat "$dir/containerd.pid")" ]; then
       log_tail "$dir/containerd.log"
-      die "containerd exited during start-up (config $dir/containerd.toml)"
+      die "$bin exited during start-up (config $dir/containerd.toml)"
     fi
-    if [ -S "$dir/containerd.sock" ] && ctr -a "$dir/containerd.sock" version >/dev/null 2>&1; then
+    if [ -S "$dir/containerd.sock" ] && PATH=$bindir:$PATH ctr -a "$dir/containerd.sock" version >/dev/null 2>&1; then
       # Plugins fail softly (a warning in the log); the ones tests need must be up.
       local ok p bad=""
-      ok=$(ctr -a "$dir/containerd.sock" plugins ls | awk '$4 == "ok" {print $1 "/" $2}')
+      ok=$(PATH=$bindir:$PATH ctr -a "$dir/containerd.sock" plugins ls | awk '$4 == "ok" {print $1 "/" $2}')
       for p in io.containerd.grpc.v1/{tasks,content,images,snapshots,containers,leases,diff} \
         io.containerd.runtime.v2/task "io.containerd.snapshotter.v1/$snap"; do
         grep -qx "$p" <<<"$ok" || bad+=" $p"
@@ -293,6 +310,10 @@ cmd_up() {
     echo "FIXTURE_OCI_LAYOUT=$dir/image"
     echo "FIXTURE_RUNC_ROOT=$dir/runc"
     echo "FIXTURE_CONTAINERD_PID=$(cat "$dir/containerd.pid")"
+    echo "FIXTURE_CONTAINERD=$(cat "$dir/containerd.bin")"
+    # As the daemon reports it (its ctr: another release's would warn about the mismatch).
+    echo "FIXTURE_CONTAINERD_VERSION=$(PATH=$(dirname "$(cat "$dir/containerd.bin")"):$PATH ctr -a "$dir/containerd.sock" version |
+      awk '$1 == "Version:" {v = $2} END {print v}')"
     echo "FIXTURE_REGISTRY_PID=$(cat "$dir/registry.pid")"
     [ -z "$owner" ] || echo "FIXTURE_WATCHDOG_PID=$(cat "$dir/watchdog.pid")"
   } >"$dir/env.tmp"

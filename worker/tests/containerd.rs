@@ -117,6 +117,14 @@ fn version_lease_and_content() {
             v.version.contains("1.6") || v.version.contains("1.7"),
             "{v:?}"
         );
+        // Our client must read the same version ctr read, so a FIXTURE_CONTAINERD run is known
+        // to have talked to the release it names.
+        let expected = fx
+            .env
+            .get("FIXTURE_CONTAINERD_VERSION")
+            .expect("fixture env");
+        assert_eq!(&v.version, expected, "{v:?}");
+        eprintln!("containerd {} ({})", v.version, v.revision);
 
         let expire = [("containerd.io/gc.expire", "2100-01-01T00:00:00Z")];
         let lease = cl.create_lease("oak-test-lease", &expire).await.unwrap();

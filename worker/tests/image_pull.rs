@@ -278,6 +278,37 @@ fn plain_http_registry_outside_the_insecure_list_is_a_clear_error() {
     );
 }
 
+#[test]
+fn unreachable_registry_fails_fast_with_its_address_and_leaves_nothing() {
+    let (_g, fx) = fixture!("unreachable_registry_fails_fast_with_its_address_and_leaves_nothing");
+    // A port nobody listens on (bound, then released): connection refused, as for a registry
+    // host that is down.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let cfg = config(&fx, &[&dead], None);
+    let ns = "imgdead";
+    let mut c = client(&fx, ns);
+    let counters = Counters::default();
+    let t0 = std::time::Instant::now();
+    let e = run(image::ensure(
+        &mut c,
+        &cfg,
+        &format!("{dead}/oak/busybox:latest"),
+        None,
+        &counters,
+    ))
+    .unwrap_err();
+    let s = e.status_detail();
+    assert!(s.contains(&dead), "the reason names the registry: {s}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "a refused connection is not waited out: {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(Counters::get(&counters.failures), 1);
+    assert_eq!(ctr_out(&fx, ns, &["images", "ls", "-q"]).trim(), "");
+    assert_eq!(ctr_out(&fx, ns, &["leases", "ls", "-q"]).trim(), "");
+}
+
 // ------------------------------------------------------------------ corrupt content
 
 #[test]
