@@ -59,7 +59,9 @@ impl Topology {
     pub fn start(name: &str, broker: Broker) -> Result<Topology, String> {
         let mut t = Topology::start_without_worker(name, broker)?;
         t.start_worker()?;
-        t.root.wait_workers(1, Duration::from_secs(30))?;
+        t.root
+            .wait_workers(1, Duration::from_secs(30))
+            .map_err(|e| format!("{e}\n{}", t.logs(30)))?;
         println!("worker counted by the root after {:.1} s", t.elapsed());
         Ok(t)
     }
