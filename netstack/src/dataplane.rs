@@ -443,6 +443,13 @@ impl Dataplane {
             io.c.datagrams_received += k as u64;
             for j in 0..k {
                 let (buf, seg, from) = io.rx.datagram(j);
+                if buf.is_empty() {
+                    // An empty datagram holds no packet, but it is hostile input all the
+                    // same: the engine counts it as a truncated header like any runt.
+                    io.c.packets_received += 1;
+                    let _ = self.proxy.on_packet(t, buf, 0, Source::Peer(from));
+                    continue;
+                }
                 let mut off = 0;
                 while off < buf.len() {
                     let end = (off + seg).min(buf.len());

@@ -9,6 +9,8 @@ mod common;
 use common::*;
 use netstack::control::{JobName, NodeSubnet, TableQueryResult, TableUpdate};
 use netstack::dataplane::{Command, Dataplane, DataplaneConfig, DataplaneHandle, Event};
+use netstack::packet::Malformed;
+use netstack::DropReason;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::sync::mpsc;
@@ -496,4 +498,156 @@ fn bulk_tcp_with_and_without_offloads() {
         }
         let _ = (&o.w1_ns, &o.topo);
     }
+}
+
+/// Issue #5: an established TCP connection through a service IP that stays idle for two
+/// minutes (upstream's proxy cache forgets flows after 60-90 s) still carries data both
+/// ways afterwards. Keepalives stay off, so no packet crosses the overlay while idle.
+/// `OAK_IDLE_SECS` shortens or stretches the idle time (default 125 s).
+#[test]
+fn idle_tcp_connection_survives_two_minutes() {
+    if skip_unless_root("idle_tcp_connection_survives_two_minutes") {
+        return;
+    }
+    let idle = Duration::from_secs(
+        std::env::var("OAK_IDLE_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(125),
+    );
+    let o = overlay(1450);
+    let server = in_netns(&o.i2, move || {
+        let l = TcpListener::bind("0.0.0.0:8082").unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(idle + Duration::from_secs(30)))
+            .unwrap();
+        let mut round = Vec::new();
+        for _ in 0..2 {
+            let mut b = [0u8; 5];
+            s.read_exact(&mut b).unwrap();
+            s.write_all(&b.map(|c| c.to_ascii_uppercase())).unwrap();
+            round.push(b);
+        }
+        round
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let client = in_netns(&o.i1, move || {
+        let addr = SocketAddrV4::new(RR, 8082).into();
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert!(!keepalive_on(&s), "keepalives would hide an evicted flow");
+        let mut b = [0u8; 5];
+        s.write_all(b"first").unwrap();
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"FIRST");
+        let t = std::time::Instant::now();
+        std::thread::sleep(idle);
+        s.write_all(b"again").unwrap();
+        s.read_exact(&mut b).unwrap();
+        (b, t.elapsed())
+    });
+    let (answer, wall) = client.join().unwrap();
+    let rounds = server.join().unwrap();
+    println!(
+        "idle TCP through {RR}: {:.1} s idle, then the same connection answered",
+        wall.as_secs_f64()
+    );
+    assert_eq!(&answer, b"AGAIN");
+    assert_eq!(rounds, [*b"first", *b"again"]);
+    assert!(wall >= idle);
+    // Nothing of the connection was dropped on either side; the only drops allowed are the
+    // kernel's own IPv6 chatter (router solicitations) read from the TUN.
+    for w in [&o.w1, &o.w2] {
+        let s = w.handle.stats().unwrap();
+        let v6 = s.dropped(DropReason::Malformed(Malformed::NotIpv4));
+        assert_eq!(s.drops.iter().sum::<u64>(), v6, "{s:?}");
+    }
+}
+
+fn keepalive_on(s: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut v: libc::c_int = 0;
+    let mut l = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid socket and an int-sized out buffer with its length.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_KEEPALIVE,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut l,
+        )
+    };
+    assert_eq!(r, 0, "getsockopt SO_KEEPALIVE");
+    v != 0
+}
+
+/// Issue #5, hostile input on the wire: garbage datagrams to a live worker's tunnel port
+/// (empty, one byte, an IPv6-versioned header, a bad checksum, oversize) are dropped and
+/// counted, and the overlay keeps working.
+#[test]
+fn garbage_on_the_tunnel_port_is_dropped_and_counted() {
+    if skip_unless_root("garbage_on_the_tunnel_port_is_dropped_and_counted") {
+        return;
+    }
+    let o = overlay(1450);
+    let before = o.w2.handle.stats().unwrap();
+    let sent = in_netns(&o.w1_ns, || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let to = SocketAddrV4::new(W2_IP, 50103);
+        let mut v6 = [0u8; 20];
+        v6[0] = 0x60;
+        let mut badsum = [0u8; 40];
+        badsum[0] = 0x45;
+        badsum[3] = 40;
+        badsum[9] = 6;
+        badsum[10] = 0xde;
+        badsum[11] = 0xad;
+        badsum[12..16].copy_from_slice(&B_IIP.octets());
+        badsum[16..20].copy_from_slice(&A_IIP.octets());
+        let big = vec![0x45u8; 9000];
+        let all: [&[u8]; 5] = [&[], &[0x45], &v6, &badsum, &big];
+        for d in all {
+            s.send_to(d, to).unwrap();
+        }
+        all.len()
+    })
+    .join()
+    .unwrap();
+    // The worker still translates: a ping through the service IP goes both ways.
+    let out = o.topo.exec(
+        &o.i1,
+        &["ping", "-c", "3", "-i", "0.2", "-W", "2", &RR.to_string()],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "ping after garbage failed:\n{text}");
+    let after = o.w2.handle.stats().unwrap();
+    let dropped = after.drops.iter().sum::<u64>() - before.drops.iter().sum::<u64>();
+    println!(
+        "garbage: {sent} datagrams sent, {} reached the engine, {dropped} dropped and counted\n{after:?}",
+        after.from_peer - before.from_peer - 3
+    );
+    let d = |r: DropReason| after.dropped(r) - before.dropped(r);
+    assert_eq!(after.from_peer - before.from_peer, sent as u64 + 3);
+    assert_eq!(
+        d(DropReason::Malformed(Malformed::TruncatedIpHeader)),
+        2,
+        "empty, one byte"
+    );
+    assert!(
+        d(DropReason::Malformed(Malformed::NotIpv4)) >= 1,
+        "version 6"
+    );
+    assert_eq!(d(DropReason::BadIpChecksum), 1);
+    assert_eq!(
+        d(DropReason::Malformed(Malformed::BadTotalLength)),
+        1,
+        "oversize"
+    );
+    assert!(dropped >= sent as u64, "{before:?}\n{after:?}");
+    assert_eq!(
+        after.to_tun - before.to_tun,
+        3,
+        "only the pings were delivered"
+    );
 }
