@@ -159,7 +159,9 @@ impl Orch {
         let (cluster_api, root_api, mqtt) = (free_port(), free_port(), free_port());
         let listen = "127.0.0.1";
         let mut env = vec![
-            ("RUST_LOG", "warn".to_string()),
+            // rumqttd's per-packet ERROR-level spans stay off, as in orch-lite's default filter:
+            // a bare `warn` would log three lines per MQTT message and load the broker.
+            ("RUST_LOG", "warn,rumqttd=off,tracing::span=off".to_string()),
             ("OAK_DATA_DIR", dir.join("data").display().to_string()),
             ("OAK_CLUSTER_API_ADDR", format!("{listen}:{cluster_api}")),
             ("OAK_ROOT_API_ADDR", format!("127.0.0.1:{root_api}")),
