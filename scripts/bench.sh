@@ -113,19 +113,23 @@ if [ -z "$ONLY" ] || [ "$ONLY" = deploy ]; then
     { tail -20 "$OUT/fixture.log" >&2; die "fixture did not start"; }
 fi
 if [ "$SMOKE" = 1 ]; then
-  bench deploy "$B" deploy --orch "$ORCH" --worker "$NE" --fixture-env "$FIXTURE_DIR/env" --runs 3
+  bench deploy "$B" deploy --orch "$ORCH" --worker "$NE" --fixture-env "$FIXTURE_DIR/env" --runs 3 --netem-runs 2 --instances 3
+else
+  bench deploy "$B" deploy --orch "$ORCH" --worker "$NE" --fixture-env "$FIXTURE_DIR/env" --runs 50 --netem-runs 20 --instances 20,100
+fi
+# the deploy bench leaves up to 100 instances (shims) running: gone before the next benches
+[ ! -d "$FIXTURE_DIR" ] || bash scripts/fixture.sh down "$FIXTURE_DIR" >/dev/null 2>&1 || true
+if [ "$SMOKE" = 1 ]; then
   bench overlay "$B" overlay --secs 1 --pings 20 --connects 10
   bench control-plane "$B" control-plane --orch "$ORCH" --workers 20 --secs 4 --probes 3
   bench root-api "$B" root-api --orch "$ORCH" --clusters 5 --services 50 --per-app 10 --requests 5
   bench all-idle "$B" all-idle --orch "$ORCH" --secs 2
 else
-  bench deploy "$B" deploy --orch "$ORCH" --worker "$NE" --fixture-env "$FIXTURE_DIR/env" --runs 50
   bench overlay "$B" overlay --secs 5 --pings 200 --connects 100
   bench control-plane "$B" control-plane --orch "$ORCH" --workers 1000,10000 --secs 30 --probes 50
   bench root-api "$B" root-api --orch "$ORCH" --clusters 100 --services 10000 --per-app 100 --requests 50
   bench all-idle "$B" all-idle --orch "$ORCH" --secs 60
 fi
-[ ! -d "$FIXTURE_DIR" ] || bash scripts/fixture.sh down "$FIXTURE_DIR" >/dev/null 2>&1 || true
 
 commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 [ -z "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] || commit="$commit-dirty"

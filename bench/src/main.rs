@@ -3,6 +3,7 @@
 //! `report` renders BENCHMARKS.md and the SVG plots. Not shipped.
 
 mod cp;
+mod netns;
 mod overlay;
 mod procfs;
 mod procs;
@@ -48,7 +49,8 @@ oak-bench <command> [--flag value]...   (run through scripts/bench.sh)
   record        --section S --name N --unit U [--value V] [--baseline-name B --baseline V]
                 [--goal-op le|ge --goal-value V --goal-text T] [--notes T] [--not-measurable WHY]
   idle          --orch BIN --worker BIN --warmup S --secs S
-  deploy        --orch BIN --worker BIN --fixture-env FILE --runs N
+  deploy        --orch BIN --worker BIN --fixture-env FILE --runs N [--netem-runs N]
+                [--instances N,N...]
   overlay       --secs S --pings N --connects N
   control-plane --orch BIN --workers N[,N...] --secs S --probes N
   root-api      --orch BIN --clusters N --services N --per-app N --requests N
@@ -188,6 +190,7 @@ fn main() -> ExitCode {
                 warmup: secs(a.num("warmup", 30.0)?),
                 window: secs(a.num("secs", 180.0)?),
                 deploy_runs: 0,
+                netem_runs: 0,
                 instance_counts: vec![],
             },
         ),
@@ -199,7 +202,17 @@ fn main() -> ExitCode {
                 warmup: Duration::ZERO,
                 window: Duration::ZERO,
                 deploy_runs: a.num("runs", 50)?,
-                instance_counts: vec![20, 100],
+                netem_runs: a.num("netem-runs", 20)?,
+                instance_counts: a
+                    .get("instances")
+                    .unwrap_or("20,100")
+                    .split(',')
+                    .map(|s| {
+                        s.trim()
+                            .parse::<usize>()
+                            .map_err(|_| format!("--instances {s:?}"))
+                    })
+                    .collect::<Result<_, _>>()?,
             },
         ),
         "overlay" => overlay::run_all(&overlay::Opts {

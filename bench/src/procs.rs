@@ -81,6 +81,19 @@ pub fn spawn(
     env: &[(&str, String)],
     dir: &Path,
 ) -> Result<Proc, String> {
+    spawn_in(name, bin, args, env, dir, None)
+}
+
+/// [`spawn`] inside the network namespace `netns` (only the network namespace changes, so the
+/// child sees the same mounts, cgroups and containerd socket as the bench).
+pub fn spawn_in(
+    name: &str,
+    bin: &Path,
+    args: &[&str],
+    env: &[(&str, String)],
+    dir: &Path,
+    netns: Option<std::fs::File>,
+) -> Result<Proc, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let log = dir.join(format!("{name}.log"));
     let f = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
@@ -94,6 +107,17 @@ pub fn spawn(
         .stderr(f2);
     for (k, v) in env {
         cmd.env(k, v);
+    }
+    // OAK_BENCH_LOG=<filter> makes every daemon chatty when a bench needs explaining
+    if let Ok(level) = std::env::var("OAK_BENCH_LOG") {
+        cmd.env("RUST_LOG", level);
+    }
+    if let Some(fd) = netns {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the hook only calls setns(2), which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || crate::netns::setns_net(&fd));
+        }
     }
     let child = cmd
         .spawn()
@@ -120,15 +144,33 @@ impl Orch {
         dir: &Path,
         extra: &[(&str, String)],
     ) -> Result<Orch, String> {
+        Orch::start_on(bin, role, dir, extra, None)
+    }
+
+    /// With `advertise`, the cluster tells workers to reach it (API, MQTT) at `advertise` on the
+    /// same ports as on loopback: a relay there forwards (a worker in another namespace).
+    pub fn start_on(
+        bin: &Path,
+        role: &str,
+        dir: &Path,
+        extra: &[(&str, String)],
+        advertise: Option<&str>,
+    ) -> Result<Orch, String> {
         let (cluster_api, root_api, mqtt) = (free_port(), free_port(), free_port());
+        let listen = "127.0.0.1";
         let mut env = vec![
-            ("RUST_LOG", "warn".to_string()),
+            // rumqttd's per-packet ERROR-level spans stay off, as in orch-lite's default filter:
+            // a bare `warn` would log three lines per MQTT message and load the broker.
+            ("RUST_LOG", "warn,rumqttd=off,tracing::span=off".to_string()),
             ("OAK_DATA_DIR", dir.join("data").display().to_string()),
-            ("OAK_CLUSTER_API_ADDR", format!("127.0.0.1:{cluster_api}")),
+            ("OAK_CLUSTER_API_ADDR", format!("{listen}:{cluster_api}")),
             ("OAK_ROOT_API_ADDR", format!("127.0.0.1:{root_api}")),
-            ("OAK_MQTT_ADDR", format!("127.0.0.1:{mqtt}")),
+            ("OAK_MQTT_ADDR", format!("{listen}:{mqtt}")),
             ("OAK_CLUSTER_NAME", "bench-cluster".to_string()),
-            ("OAK_ADVERTISE_ADDR", "127.0.0.1".to_string()),
+            (
+                "OAK_ADVERTISE_ADDR",
+                advertise.unwrap_or("127.0.0.1").to_string(),
+            ),
             ("OAK_ADMIN_PASSWORD", "bench".to_string()),
         ];
         env.extend(extra.iter().cloned());

@@ -40,7 +40,10 @@ pub fn client(
     opts.set_keep_alive(Duration::from_secs(5));
     opts.set_clean_session(!persistent);
     opts.set_max_packet_size(max_payload + 1024, max_payload + 1024);
-    AsyncClient::new(opts, QUEUE)
+    let (client, mut events) = AsyncClient::new(opts, QUEUE);
+    // Deploys and answers are small packets: without it, Nagle and delayed ACKs hold them ~40 ms.
+    events.network_options.set_tcp_nodelay(true);
+    (client, events)
 }
 
 pub async fn run(sh: Arc<Shared>, client: AsyncClient, mut events: EventLoop) {

@@ -654,7 +654,10 @@ impl ClusterState {
         };
         req.avoid = inst.failed_on.clone();
         let n = inst.instance_number;
-        match scheduler::schedule(&self.candidates(now), &req, &self.cfg.cluster_name) {
+        let started = std::time::Instant::now();
+        let decision = scheduler::schedule(&self.candidates(now), &req, &self.cfg.cluster_name);
+        self.metrics.schedule_latency.observe(started.elapsed());
+        match decision {
             Decision::Place { node_id } => {
                 let (ip, port) = self
                     .nodes
