@@ -493,7 +493,12 @@ impl<'ex> Session<'ex> {
         self.periodic(topic::information(&id), serde_json::to_vec(&doc), |c| {
             &c.information_sent
         });
-        // The runtime answers with Event::Resources, published as it arrives.
+        self.request_sample();
+    }
+
+    /// Asks the runtime for a resources sample; it answers with `Event::Resources`, published
+    /// as it arrives. The runtime coalesces requests, so asking often costs at most one sample.
+    fn request_sample(&mut self) {
         if self.rt_alive
             && self
                 .rt
@@ -721,6 +726,10 @@ impl<'ex> Session<'ex> {
         }
         self.tel
             .instance(&s.job_name, s.instance, s.status, &s.detail);
+        // The cluster marks an instance RUNNING when it first appears in a resources report:
+        // sending one now instead of at the next tick takes up to a report interval off every
+        // deploy, for one extra message per deploy.
+        let started = s.status == protocol::Status::Created;
         let evicted = self.outbox.push(JobStatus {
             sname: s.job_name,
             status: s.status,
@@ -738,6 +747,9 @@ impl<'ex> Session<'ex> {
             );
         }
         self.flush_outbox();
+        if started && self.connected {
+            self.request_sample();
+        }
     }
 
     /// Hands queued status reports to the client, oldest first, while it takes them.
