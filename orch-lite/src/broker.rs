@@ -30,6 +30,11 @@ pub struct Broker {
     pub local: SocketAddr,
 }
 
+/// 10,000 workers (the scale goal) plus the cluster's own client and a few tools
+/// (mosquitto_sub, the overlay's directory clients) beside them. rumqttd reserves its tables
+/// for this many up front but touches only what connects.
+const MAX_CONNECTIONS: usize = 10_000 + 64;
+
 fn connections(max_payload: usize) -> rumqttd::ConnectionSettings {
     rumqttd::ConnectionSettings {
         // Time a new TCP connection has to send CONNECT.
@@ -107,7 +112,7 @@ pub fn start(cfg: &BrokerConfig) -> Result<Broker, String> {
     let config = rumqttd::Config {
         id: 0,
         router: rumqttd::RouterConfig {
-            max_connections: 10_000,
+            max_connections: MAX_CONNECTIONS,
             max_outgoing_packet_count: 200,
             // Each subscription filter keeps at most 2 segments of 1 MiB: memory stays bounded
             // however chatty the workers are.
