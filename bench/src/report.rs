@@ -113,6 +113,13 @@ pub fn machine(commit: &str) -> Machine {
             ("kernel".into(), kernel),
             ("OS".into(), os),
             ("date".into(), date),
+            (
+                // The suite's own load is in it; more than ~1 means other work ran beside it.
+                "load average 1/5/15 min at the end".into(),
+                std::fs::read_to_string("/proc/loadavg")
+                    .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+                    .unwrap_or_default(),
+            ),
             ("git commit".into(), commit.into()),
         ],
     }
