@@ -552,9 +552,9 @@ fn deploy_once(orch: &Orch, token: &str, sid: &str) -> Result<Timed, String> {
     Err(format!("instance {n}: no RUNNING at the root within 60 s"))
 }
 
-/// A pause before each deploy, spread over the worker's report interval: RUNNING waits for
-/// the next `jobs/resources` report, and back-to-back deploys would otherwise all start right
-/// after one and wait a whole interval (a user's deploy arrives at a random phase).
+/// A pause before each deploy, spread over the worker's report interval, so deploys arrive at
+/// a random phase of the worker's periodic reports as a user's do (the worker also reports at
+/// once when a task starts; the pause keeps the figure honest should that ever regress).
 struct Phase(u64);
 
 impl Phase {
@@ -702,7 +702,7 @@ pub fn deploy(orch_bin: &Path, worker_bin: &Path, fixture: &Path, o: &Opts) -> R
         .baseline("bare ctr run -d p50", c50)
         .goal("le", 500.0, "p50 ≤ 0.5 s")
         .notes(format!(
-            "{} deploys of the cached image, each after a random pause within the worker's 2 s report interval; p95 {:.1} ms; RUNNING is set by the cluster when the instance first appears in the worker's jobs/resources report (every 2 s, worker-protocol §5.2), so about half an interval is protocol wait; root polled every 3 ms; worker in its own netns behind a veth, {net_note}",
+            "{} deploys of the cached image, each after a random pause within the worker's 2 s report interval; p95 {:.1} ms; RUNNING is set by the cluster when the instance first appears in the worker's jobs/resources report (worker-protocol §5.2), which the worker sends at once when a task starts instead of at the next 2 s tick; root polled every 3 ms; worker in its own netns behind a veth, {net_note}",
             running.len(),
             p(&running, 95.0).unwrap_or(f64::NAN)
         )),
@@ -771,7 +771,7 @@ pub fn deploy(orch_bin: &Path, worker_bin: &Path, fixture: &Path, o: &Opts) -> R
         .baseline("the added round trip itself", Some(0.25))
         .goal("le", 0.6, "≤ 0.6 s more")
         .notes(format!(
-            "POST → RUNNING p50 over {} deploys with the round trip worker↔cluster (HTTP and MQTT) 250 ms longer = {:.0} ms, minus the p50 without delay (both include the random report phase, so ±0.3 s noise at 20 deploys); POST → CREATED grows by {:.0} ms (p50); a userspace delay line (125 ms each way) on the worker's veth stands in for netem, which this kernel lacks",
+            "POST → RUNNING p50 over {} deploys with the round trip worker↔cluster (HTTP and MQTT) 250 ms longer = {:.0} ms, minus the p50 without delay; POST → CREATED grows by {:.0} ms (p50); a userspace delay line (125 ms each way) on the worker's veth stands in for netem, which this kernel lacks",
             running_d.len(),
             p(&running_d, 50.0).unwrap_or(f64::NAN),
             added_created.unwrap_or(f64::NAN)
