@@ -142,7 +142,7 @@ fn cluster_embedded_broker_end_to_end() {
 #[test]
 fn cluster_external_mosquitto_same_flow() {
     let dir = tempfile::tempdir().unwrap();
-    let mosq = Mosquitto::start(dir.path());
+    let mosq = Mosquitto::start(dir.path()).unwrap_or_else(|e| panic!("{e}"));
     let orch = Orch::start(
         dir.path(),
         mosq.port,

@@ -1,7 +1,9 @@
-//! An external mosquitto broker for the end-to-end tests that run the cluster with
-//! `OAK_MQTT_URL`: its own config and log under the test's directory, a fixed loopback port kept
-//! across restarts (the outage drills stop it and bring it back where clients expect it), and no
-//! persistence, so a restart loses every session and subscription as a broker host crash does.
+//! A real mosquitto broker for the tests (the end-to-end drills that run the cluster with
+//! `OAK_MQTT_URL`, the worker's session tests, the cluster's external-broker test): its own
+//! config and a full log under the test's directory, and a fixed loopback port kept across
+//! restarts (outage tests stop it and bring it back where clients expect it). Without
+//! persistence a restart loses every session and subscription, as a broker host crash does;
+//! [`Mosquitto::start_persistent`] keeps them, as a broker restarted cleanly does.
 
 use crate::free_port;
 use std::net::{SocketAddr, TcpStream};
@@ -18,17 +20,35 @@ pub struct Mosquitto {
 }
 
 impl Mosquitto {
-    /// Writes `<dir>/mosquitto.conf` for a free port and starts the broker.
+    /// Writes `<dir>/mosquitto.conf` for a free port and starts the broker, without persistence.
     pub fn start(dir: &Path) -> Result<Mosquitto, String> {
+        Mosquitto::start_with(dir, false)
+    }
+
+    /// As [`Mosquitto::start`], with persistence in `dir`: sessions with clean_session=false and
+    /// their subscriptions survive [`Mosquitto::stop`] and [`Mosquitto::restart`].
+    pub fn start_persistent(dir: &Path) -> Result<Mosquitto, String> {
+        Mosquitto::start_with(dir, true)
+    }
+
+    fn start_with(dir: &Path, persistent: bool) -> Result<Mosquitto, String> {
         let port = free_port();
         let conf = dir.join("mosquitto.conf");
         let log = dir.join("mosquitto.log");
         // `user root`: mosquitto started as root otherwise drops to the `mosquitto` user, which
         // cannot write the log under the test's directory.
+        let persistence = if persistent {
+            format!(
+                "persistence true\npersistence_location {}/\n",
+                dir.display()
+            )
+        } else {
+            "persistence false\n".to_string()
+        };
+        // `log_type all`: tests look for protocol events (e.g. a client's DISCONNECT).
         let text = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-             log_dest file {}\nlog_type error\nlog_type warning\nlog_type notice\n\
-             log_type information\nconnection_messages true\nuser root\n",
+            "listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}\
+             log_dest file {}\nlog_type all\nconnection_messages true\nuser root\n",
             log.display()
         );
         std::fs::write(&conf, text).map_err(|e| format!("{}: {e}", conf.display()))?;
@@ -93,6 +113,25 @@ impl Mosquitto {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// SIGTERM (mosquitto then writes its persistence file), and wait for the exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // Our child, not reaped yet, so the pid is still its own.
+            let term = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            if !term.is_ok_and(|s| s.success()) {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+    }
+
+    /// The whole log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn tail(&self, lines: usize) -> String {

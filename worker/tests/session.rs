@@ -21,7 +21,7 @@ fn is_job(t: &str, v: &serde_json::Value, job: &str, instance: u64) -> bool {
 #[test]
 fn registers_reports_and_answers_deploys() {
     let dir = TempDir::new("session");
-    let broker = Mosquitto::start(&dir.0);
+    let broker = Mosquitto::start_persistent(&dir.0).unwrap_or_else(|e| panic!("{e}"));
     let standin = StandIn::start(NODE_ID, broker.port, Some("s3cret"));
     let mut obs = Observer::connect(broker.port, "observer", true);
     obs.subscribe("nodes/#");
@@ -186,7 +186,7 @@ fn registers_reports_and_answers_deploys() {
 #[test]
 fn reconnects_and_reregisters_after_a_broker_outage() {
     let dir = TempDir::new("outage");
-    let mut broker = Mosquitto::start(&dir.0);
+    let mut broker = Mosquitto::start_persistent(&dir.0).unwrap_or_else(|e| panic!("{e}"));
     let standin = StandIn::start(NODE_ID, broker.port, None);
     // A persistent observer: mosquitto keeps its subscription and queues for it across restarts.
     let mut obs = Observer::connect(broker.port, "observer", false);
@@ -211,7 +211,7 @@ fn reconnects_and_reregisters_after_a_broker_outage() {
     let status: serde_json::Value = serde_json::from_str(&worker.get("/status")).unwrap();
     assert_eq!(status["broker"]["state"], "disconnected");
 
-    broker.restart();
+    broker.restart().unwrap_or_else(|e| panic!("{e}"));
     let mut obs = Observer::connect(broker.port, "observer", false);
     // Reports resume, the worker re-registers (spec §13.1) and subscribes again.
     obs.expect(20 * S, "information after the outage", |t, _| {
@@ -238,7 +238,7 @@ fn reconnects_and_reregisters_after_a_broker_outage() {
 #[test]
 fn registration_is_retried_until_the_cluster_answers() {
     let dir = TempDir::new("retry");
-    let broker = Mosquitto::start(&dir.0);
+    let broker = Mosquitto::start_persistent(&dir.0).unwrap_or_else(|e| panic!("{e}"));
     let cluster_port = free_port();
     let worker = Worker::start(&dir.0, cluster_port, &[]);
     // Nothing listens yet: the worker keeps trying instead of exiting (upstream exits, §2.1).

@@ -27,7 +27,7 @@ fn change(job: &str, instance: u64, status: Status, detail: &str) -> runtime_lin
 #[test]
 fn status_changes_during_an_outage_are_delivered_after_reconnect() {
     let dir = TempDir::new("lib-outage");
-    let mut broker = Mosquitto::start(&dir.0);
+    let mut broker = Mosquitto::start_persistent(&dir.0).unwrap_or_else(|e| panic!("{e}"));
     let standin = StandIn::start(NODE_ID, broker.port, None);
     let mut obs = Observer::connect(broker.port, "observer", false);
     obs.subscribe(&format!("nodes/{NODE_ID}/job"));
@@ -106,7 +106,7 @@ fn status_changes_during_an_outage_are_delivered_after_reconnect() {
     );
     std::thread::sleep(S);
 
-    broker.restart();
+    broker.restart().unwrap_or_else(|e| panic!("{e}"));
     let mut obs = Observer::connect(broker.port, "observer", false);
     // mosquitto queued them for the persistent observer: exactly the latest per instance, in
     // the order of their latest change.

@@ -167,41 +167,9 @@ impl Drop for Orch {
     }
 }
 
-/// mosquitto on a free port with its own config; killed on drop.
-pub struct Mosquitto {
-    child: Child,
-    pub port: u16,
-}
-
-impl Mosquitto {
-    pub fn start(dir: &Path) -> Mosquitto {
-        let port = free_port();
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-        )
-        .unwrap();
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto is installed (apt-get install mosquitto)");
-        wait_for("mosquitto", Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        Mosquitto { child, port }
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// The shared launcher (a real mosquitto on a free loopback port, killed on drop).
+#[allow(unused_imports)] // not every test binary that includes this module starts a broker
+pub use e2e::mosquitto::Mosquitto;
 
 /// Publishes one message with the real `mosquitto_pub` client.
 pub fn mosquitto_pub(port: u16, topic: &str, payload: &str) {

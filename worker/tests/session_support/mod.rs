@@ -1,5 +1,4 @@
-//! Real parts for the session integration tests: a mosquitto broker on a free loopback port
-//! (own config and log in a temp dir, killed on drop), a blocking MQTT observer built on the
+//! Real parts for the session integration tests: a mosquitto broker (the e2e crate's), a blocking MQTT observer built on the
 //! worker's own codec, the stand-in for the cluster's `/api/node/register` (the only fake),
 //! and the NodeEngine process.
 #![allow(dead_code)]
@@ -51,77 +50,10 @@ pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<
     }
 }
 
-pub struct Mosquitto {
-    child: Option<Child>,
-    pub port: u16,
-    conf: PathBuf,
-    log: PathBuf,
-}
-
-impl Mosquitto {
-    /// Persistence on, so an observer's clean_session=false subscription survives a restart.
-    pub fn start(dir: &Path) -> Mosquitto {
-        let port = free_port();
-        let conf = dir.join("mosquitto.conf");
-        let log = dir.join("mosquitto.log");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
-                 log_dest file {}\nlog_type all\nuser root\n",
-                dir.display(),
-                log.display()
-            ),
-        )
-        .expect("write mosquitto.conf");
-        let mut m = Mosquitto {
-            child: None,
-            port,
-            conf,
-            log,
-        };
-        m.restart();
-        m
-    }
-
-    pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "mosquitto already running");
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&self.conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto is installed (apt install mosquitto)");
-        self.child = Some(child);
-        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
-        wait_for(Duration::from_secs(5), || TcpStream::connect(addr).ok())
-            .expect("mosquitto listens");
-    }
-
-    /// SIGTERM (mosquitto saves its persistence file), then wait for the exit.
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let _ = c.wait();
-        }
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+/// The shared launcher; `start_persistent` there, so an observer's clean_session=false
+/// subscription survives a restart.
+#[allow(unused_imports)] // not every test binary that includes this module starts a broker
+pub use e2e::mosquitto::Mosquitto;
 
 /// A blocking MQTT client for observing and injecting, on the worker's own codec.
 pub struct Observer {
