@@ -113,12 +113,15 @@ if [ -z "$ONLY" ] || [ "$ONLY" = deploy ]; then
     { tail -20 "$OUT/fixture.log" >&2; die "fixture did not start"; }
 fi
 if [ "$SMOKE" = 1 ]; then
-  bench deploy "$B" deploy --orch "$ORCH" --worker "$NE" --fixture-env "$FIXTURE_DIR/env" --runs 3 --netem-runs 2 --instances 3
+  bench deploy "$B" deploy --orch "$ORCH" --worker "$NE" --fixture-env "$FIXTURE_DIR/env" --runs 3 --netem-runs 2 --instances 3,62
 else
   bench deploy "$B" deploy --orch "$ORCH" --worker "$NE" --fixture-env "$FIXTURE_DIR/env" --runs 50 --netem-runs 20 --instances 20,100
 fi
-# the deploy bench leaves up to 100 instances (shims) running: gone before the next benches
+# the deploy bench undeploys what it deployed; the fixture goes before the next benches
+t0=$SECONDS
 [ ! -d "$FIXTURE_DIR" ] || bash scripts/fixture.sh down "$FIXTURE_DIR" >/dev/null 2>&1 || true
+log "fixture down: $((SECONDS - t0)) s"
+
 if [ "$SMOKE" = 1 ]; then
   bench overlay "$B" overlay --secs 1 --pings 20 --connects 10
   bench control-plane "$B" control-plane --orch "$ORCH" --workers 20 --secs 4 --probes 3

@@ -332,6 +332,18 @@ impl Ctr {
         }
     }
 
+    /// Container ids in namespace `ns`.
+    fn containers(&self, ns: &str) -> Result<Vec<String>, String> {
+        let out = Command::new("ctr")
+            .args(["--address", &self.sock, "-n", ns, "containers", "ls", "-q"])
+            .output()
+            .map_err(|e| format!("ctr: {e}"))?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect())
+    }
+
     /// Puts the image into namespace `ns`, so later runs there find it cached.
     fn pull(&self, ns: &str) -> Result<(), String> {
         self.run(ns, &["images", "pull", "--plain-http", &self.image])
@@ -340,6 +352,11 @@ impl Ctr {
 
 /// `ctr run -d` (create the container, start its task, return) of the cached image, `runs`
 /// times: wall ms each. Each container is removed again outside the timed part.
+/// What the measured containers run, under `ctr run` and the worker alike: a sleeper that ends
+/// on SIGTERM (a bare `sleep` as PID 1 ignores it, and every undeploy would wait out the
+/// worker's 5 s grace period).
+const PROBE_CMD: &str = "trap 'exit 0' TERM; sleep 3600 & wait";
+
 fn ctr_runs(c: &Ctr, runs: usize) -> Result<Vec<f64>, String> {
     let ns = "oakbench";
     c.pull(ns)?;
@@ -356,8 +373,9 @@ fn ctr_runs(c: &Ctr, runs: usize) -> Result<Vec<f64>, String> {
                 &c.snapshotter,
                 &c.image,
                 &id,
-                "sleep",
-                "3600",
+                "sh",
+                "-c",
+                PROBE_CMD,
             ],
         );
         let ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -386,7 +404,7 @@ fn create_service(orch: &Orch, token: &str, image: &str) -> Result<String, Strin
         "applicationID": "", "application_name": "bench", "application_namespace": "b",
         "application_desc": "deploy latency", "microservices": [{"microserviceID": "",
         "microservice_name": "probe", "microservice_namespace": "b", "virtualization": "container",
-        "cmd": ["sleep", "3600"], "memory": 8, "vcpus": 0, "vgpus": 0, "vtpus": 0, "bandwidth_in": 0,
+        "cmd": ["sh", "-c", PROBE_CMD], "memory": 8, "vcpus": 0, "vgpus": 0, "vtpus": 0, "bandwidth_in": 0,
         "bandwidth_out": 0, "storage": 0, "code": image, "state": "", "port": "", "added_files": [],
         "constraints": []}]}]});
     ureq::post(&orch.root_url("/api/application"))
@@ -567,6 +585,118 @@ impl Phase {
     }
 }
 
+/// Waits until the root sees an active cluster with the worker in it (the cluster reports to
+/// the root; one that reported before its worker joined offers no virtualization yet).
+fn root_ready(s: &Setup) -> Result<(), String> {
+    let auth = format!("Bearer {}", s.token);
+    wait_for(
+        "an active cluster with a worker at the root",
+        Duration::from_secs(40),
+        || {
+            ureq::get(&s.orch.root_url("/api/clusters/active"))
+                .set("Authorization", &auth)
+                .call()
+                .ok()
+                .and_then(|r| r.into_json::<Value>().ok())
+                .is_some_and(|v| {
+                    v.as_array().is_some_and(|a| {
+                        a.iter().any(|c| {
+                            c["active_nodes"].as_u64() >= Some(1)
+                                && c["virtualization"]
+                                    .as_array()
+                                    .is_some_and(|v| !v.is_empty())
+                        })
+                    })
+                })
+        },
+    )
+}
+
+/// Instance addresses in a worker's /26 subnet (64 minus network, bridge and broadcast).
+const OVERLAY_INSTANCES_PER_WORKER: usize = 61;
+
+/// The worker's RSS with `n` instances running, next to its RSS with none.
+struct RssAt {
+    n: usize,
+    rss: Option<f64>,
+    rss0: Option<f64>,
+    threads: u64,
+    net_note: String,
+}
+
+/// Where a worker runs its instances: the containerd namespace, and the job's name.
+struct Place<'a> {
+    ctr: &'a Ctr,
+    ns: &'a str,
+    job: &'a str,
+}
+
+/// Deletes instance `n` and waits until the root no longer lists it and its container has left
+/// containerd, so the next deploy does not share the worker with a teardown.
+fn undeploy_wait(orch: &Orch, token: &str, sid: &str, n: u64, at: &Place) -> Result<(), String> {
+    let auth = format!("Bearer {token}");
+    ureq::delete(&orch.root_url(&format!("/api/service/{sid}/instance/{n}")))
+        .set("Authorization", &auth)
+        .call()
+        .map_err(|e| procs::http_err("DELETE instance", e))?;
+    wait_for(
+        &format!("instance {n} to be undeployed"),
+        Duration::from_secs(30),
+        || {
+            ureq::get(&orch.root_url(&format!("/api/service/{sid}")))
+                .set("Authorization", &auth)
+                .call()
+                .ok()
+                .and_then(|r| r.into_json::<Value>().ok())
+                .is_some_and(|job| {
+                    job["instance_list"].as_array().is_some_and(|l| {
+                        !l.iter().any(|i| i["instance_number"].as_u64() == Some(n))
+                    })
+                })
+        },
+    )?;
+    let id = format!("{}.instance.{n}", at.job);
+    wait_for(
+        &format!("{id} to leave containerd"),
+        Duration::from_secs(30),
+        || at.ctr.containers(at.ns).is_ok_and(|c| !c.contains(&id)),
+    )
+}
+
+/// Deploys instances one after the other and samples the worker's RSS when `counts` of them
+/// run; all are undeployed again at the end.
+fn pile_up(
+    s: &Setup,
+    sid: &str,
+    at: &Place,
+    counts: &[usize],
+    net_note: &str,
+) -> Result<Vec<RssAt>, String> {
+    let mut out = Vec::new();
+    let Some(&most) = counts.iter().max() else {
+        return Ok(out);
+    };
+    let fail = |e: String| format!("{e}\n--- NodeEngine log:\n{}", procs::tail(&s.ne.log, 20));
+    let rss0 = rss_now(s.ne.pid(), Duration::from_secs(2));
+    let mut numbers = Vec::new();
+    for k in 1..=most {
+        numbers.push(deploy_once(&s.orch, &s.token, sid).map_err(fail)?.n);
+        if counts.contains(&k) {
+            out.push(RssAt {
+                n: k,
+                rss: rss_now(s.ne.pid(), Duration::from_secs(3)),
+                rss0,
+                threads: procfs::threads(s.ne.pid()).unwrap_or(0),
+                net_note: net_note.to_string(),
+            });
+        }
+    }
+    for n in numbers {
+        undeploy_wait(&s.orch, &s.token, sid, n, at).map_err(fail)?;
+    }
+    Ok(out)
+}
+
 fn rss_now(pid: u32, settle: Duration) -> Option<f64> {
     // a few samples after the last deploy settles: the median, in KiB
     let w = procfs::sample(&[pid], settle, Duration::from_millis(500), || false);
@@ -609,34 +739,18 @@ pub fn deploy(orch_bin: &Path, worker_bin: &Path, fixture: &Path, o: &Opts) -> R
     }
     let net = WorkerNet::new('d')?;
     let mut s = setup(orch_bin, worker_bin, dir.path(), &net, "auto", &extra)?;
-    // the cluster reports to the root; wait until the root sees an active cluster with room
-    let auth = format!("Bearer {}", s.token);
-    wait_for(
-        "an active cluster at the root",
-        Duration::from_secs(40),
-        || {
-            ureq::get(&s.orch.root_url("/api/clusters/active"))
-                .set("Authorization", &auth)
-                .call()
-                .ok()
-                .and_then(|r| r.into_json::<Value>().ok())
-                .is_some_and(|v| v.as_array().is_some_and(|a| !a.is_empty()))
-        },
-    )?;
+    root_ready(&s)?;
     let overlay = overlay_up(&net);
     let sid = create_service(&s.orch, &s.token, &ctr.image)?;
     let (seen, stop_obs) = observer(s.orch.mqtt)?;
     let job_name = "bench.b.probe.b";
+    let place = Place {
+        ctr: &ctr,
+        ns: worker_ns,
+        job: job_name,
+    };
     let fail =
         |e: String, ne: &Proc| format!("{e}\n--- NodeEngine log:\n{}", procs::tail(&ne.log, 20));
-    let rss0 = rss_now(s.ne.pid(), Duration::from_secs(2));
-    let mut rss_at: Vec<(usize, Option<f64>)> = Vec::new();
-    let mut deployed = 0usize;
-    let take_rss = |deployed: usize, pid: u32, at: &mut Vec<(usize, Option<f64>)>| {
-        if o.instance_counts.contains(&deployed) {
-            at.push((deployed, rss_now(pid, Duration::from_secs(3))));
-        }
-    };
 
     // 1. no added delay: end to end and worker side
     let report = Duration::from_secs(2);
@@ -644,9 +758,9 @@ pub fn deploy(orch_bin: &Path, worker_bin: &Path, fixture: &Path, o: &Opts) -> R
     let mut e2e: Vec<Timed> = Vec::new();
     for _ in 0..o.deploy_runs {
         std::thread::sleep(phase.next(report));
-        e2e.push(deploy_once(&s.orch, &s.token, &sid).map_err(|e| fail(e, &s.ne))?);
-        deployed += 1;
-        take_rss(deployed, s.ne.pid(), &mut rss_at);
+        let t = deploy_once(&s.orch, &s.token, &sid).map_err(|e| fail(e, &s.ne))?;
+        undeploy_wait(&s.orch, &s.token, &sid, t.n, &place).map_err(|e| fail(e, &s.ne))?;
+        e2e.push(t);
     }
     std::thread::sleep(Duration::from_millis(300));
     let worker_ms: Vec<f64> = {
@@ -666,21 +780,48 @@ pub fn deploy(orch_bin: &Path, worker_bin: &Path, fixture: &Path, o: &Opts) -> R
     let mut e2e_delay: Vec<Timed> = Vec::new();
     for _ in 0..o.netem_runs {
         std::thread::sleep(phase.next(report));
-        e2e_delay.push(deploy_once(&s.orch, &s.token, &sid).map_err(|e| fail(e, &s.ne))?);
-        deployed += 1;
-        take_rss(deployed, s.ne.pid(), &mut rss_at);
+        let t = deploy_once(&s.orch, &s.token, &sid).map_err(|e| fail(e, &s.ne))?;
+        undeploy_wait(&s.orch, &s.token, &sid, t.n, &place).map_err(|e| fail(e, &s.ne))?;
+        e2e_delay.push(t);
     }
     s.relay.set_rtt(0);
-    // 3. more instances, for the RSS figures
-    let most = o.instance_counts.iter().copied().max().unwrap_or(0);
-    while deployed < most {
-        deploy_once(&s.orch, &s.token, &sid).map_err(|e| fail(e, &s.ne))?;
-        deployed += 1;
-        take_rss(deployed, s.ne.pid(), &mut rss_at);
-    }
     s.ne.check_alive()?;
     stop_obs.store(true, std::sync::atomic::Ordering::Relaxed);
-    let threads = procfs::threads(s.ne.pid()).unwrap_or(0);
+    // 3. RSS as instances pile up, with the overlay as far as a worker's /26 instance subnet
+    // holds them, beyond that on a worker with the network off.
+    let mut rss_at: Vec<RssAt> = Vec::new();
+    let (with_overlay, without): (Vec<usize>, Vec<usize>) = o
+        .instance_counts
+        .iter()
+        .partition(|&&n| n <= OVERLAY_INSTANCES_PER_WORKER);
+    if overlay {
+        rss_at.extend(pile_up(
+            &s,
+            &sid,
+            &place,
+            &with_overlay,
+            "overlay on (OAK_NETWORK=auto)",
+        )?);
+    }
+    drop(s);
+    if !without.is_empty() {
+        extra.push(("OAK_CONTAINERD_NAMESPACE", "oakbench-off".to_string()));
+        ctr.pull("oakbench-off")?;
+        let off_dir = dir.path().join("off");
+        std::fs::create_dir_all(&off_dir).map_err(|e| format!("{}: {e}", off_dir.display()))?;
+        let s = setup(orch_bin, worker_bin, &off_dir, &net, "off", &extra)?;
+        root_ready(&s)?;
+        let sid = create_service(&s.orch, &s.token, &ctr.image)?;
+        let note = format!(
+            "network off (OAK_NETWORK=off): a worker's /26 instance subnet holds {OVERLAY_INSTANCES_PER_WORKER} instances"
+        );
+        let place = Place {
+            ctr: &ctr,
+            ns: "oakbench-off",
+            job: job_name,
+        };
+        rss_at.extend(pile_up(&s, &sid, &place, &without, &note)?);
+    }
 
     let net_note = if overlay {
         "overlay on (OAK_NETWORK=auto)"
@@ -784,15 +925,22 @@ pub fn deploy(orch_bin: &Path, worker_bin: &Path, fixture: &Path, o: &Opts) -> R
     plots.push(cdf("same, +250 ms round trip worker↔cluster", &running_d));
 
     let mib = |v: Option<f64>| v.map(|k| k / 1024.0);
-    for (n, rss) in &rss_at {
-        let per = rss.zip(rss0).map(|(a, b)| (a - b) / *n as f64);
+    for RssAt {
+        n,
+        rss,
+        rss0,
+        threads,
+        net_note,
+    } in &rss_at
+    {
+        let per = rss.zip(*rss0).map(|(a, b)| (a - b) / *n as f64);
         let mut r = Record::new(
             SECTION_FP,
             &format!("NodeEngine RSS with {n} running instances"),
             mib(*rss),
             "MiB",
         )
-        .baseline("same worker, no instances (this run)", mib(rss0));
+        .baseline("same worker, no instances (this run)", mib(*rss0));
         if *n == 20 {
             r = r.goal("le", 8.0, "≤ 8 MiB (#4)");
         }
