@@ -27,6 +27,7 @@ pub mod flows;
 pub mod gso;
 pub mod icmp;
 pub mod netlink;
+pub mod nft;
 pub mod packet;
 pub mod park;
 pub mod plumbing;
