@@ -686,10 +686,7 @@ mod tests {
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND
         );
         for m in &msgs[1..4] {
-            assert_eq!(
-                decode_table(m.2),
-                Some((NFPROTO_IPV4, "oakestra".into()))
-            );
+            assert_eq!(decode_table(m.2), Some((NFPROTO_IPV4, "oakestra".into())));
         }
         // the chain: table, name, hook postrouting at priority 100, type nat
         let chain: Vec<(u16, Vec<u8>)> = attrs(&msgs[4].2[4..])
