@@ -159,7 +159,6 @@ impl Batch {
     }
 
     fn str(&mut self, kind: u16, s: &str) {
-        let at = self.b.len();
         self.b
             .extend_from_slice(&((5 + s.len()) as u16).to_ne_bytes());
         self.b.extend_from_slice(&kind.to_ne_bytes());
@@ -168,7 +167,6 @@ impl Batch {
         while self.b.len() % 4 != 0 {
             self.b.push(0);
         }
-        debug_assert!(self.b.len() > at);
     }
 
     /// nf_tables numbers are big-endian on the wire.
@@ -337,7 +335,7 @@ pub fn encode_remove(table: &str, first_seq: u32) -> (Vec<u8>, std::ops::Range<u
 /// A dump request: every table (`GETTABLE`) or every rule (`GETRULE`) of `family`.
 fn encode_dump(kind: u16, family: u8, seq: u32) -> Vec<u8> {
     let mut b = Batch::new(seq);
-    b.nft(kind, NLM_F_DUMP | NLM_F_ACK, family);
+    b.nft(kind, NLM_F_DUMP, family);
     b.close();
     b.b
 }
