@@ -18,7 +18,7 @@ PKGS=(
   containerd runc
   docker-registry
   mosquitto mosquitto-clients
-  iproute2 iptables iputils-ping procps psmisc util-linux
+  iproute2 iptables nftables iputils-ping procps psmisc util-linux
   busybox-static
   qemu-user-static binfmt-support
   gcc-arm-linux-gnueabihf libc6-dev-armhf-cross

@@ -6,7 +6,8 @@
 //! [`icmp`], [`table`], [`directory`], [`flows`], [`park`] and the engine [`proxy`]. The wire
 //! contract with the cluster service manager: [`control`] (payloads, topics, validation) and
 //! [`session`] (the conversation as a state machine). The Linux edge: [`tun`] and
-//! [`dataplane`] (the packet loop), [`netlink`] and [`plumbing`] (bridge, veth, addresses).
+//! [`dataplane`] (the packet loop), [`netlink`], [`nft`] and [`plumbing`] (bridge, veth,
+//! addresses, outgoing NAT).
 //! [`craft`] builds packets for tests.
 //!
 //! Where to look for:
@@ -27,6 +28,7 @@ pub mod flows;
 pub mod gso;
 pub mod icmp;
 pub mod netlink;
+pub mod nft;
 pub mod packet;
 pub mod park;
 pub mod plumbing;

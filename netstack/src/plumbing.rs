@@ -4,10 +4,14 @@
 //! creates it removes on detach and on drop, unless told to leave it for the next run
 //! ([`Plumbing::leave_in_place`]): instances outlive the worker, so their links must too.
 //! [`Plumbing::adopt`] takes such links back and deletes only those no survivor claims.
-//! Port publishing is not here (no iptables/nftables at all): the worker forwards published
-//! ports in userspace (`worker::overlay::ports`). Not here either: IPv6 addresses.
+//! Outgoing NAT (spec §3.1 step 7, upstream's MASQUERADE) follows the same life cycle: an
+//! nf_tables table of our own ([`crate::nft`]) is replaced on setup and adopt, kept by
+//! `leave_in_place` (running instances keep their LAN connections) and deleted on teardown.
+//! Port publishing is not here: the worker forwards published ports in userspace
+//! (`worker::overlay::ports`). Not here either: IPv6 addresses.
 
 use crate::netlink::Netlink;
+use crate::nft::{Masquerade, Nft, OVERLAY};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
@@ -26,6 +30,10 @@ pub struct PlumbingConfig {
     pub inner_name: String,
     /// Bridge and veth MTU (`TUN_MTU_SIZE`, 1450 upstream).
     pub mtu: u32,
+    /// The nf_tables table (family `ip`) that masquerades instance traffic leaving the host
+    /// for anything but the overlay; `None`: no outgoing NAT. Whatever holds this name is
+    /// replaced, so it must be ours alone (tests make it unique per run).
+    pub nat_table: Option<String>,
 }
 
 impl Default for PlumbingConfig {
@@ -35,6 +43,7 @@ impl Default for PlumbingConfig {
             veth_prefix: "oakveth".into(),
             inner_name: "eth0".into(),
             mtu: 1450,
+            nat_table: Some("oakestra".into()),
         }
     }
 }
@@ -78,6 +87,8 @@ pub struct Plumbing {
     bridge_index: i32,
     pool: AddressPool,
     attached: BTreeMap<u8, Attachment>,
+    /// Where the NAT table was installed (None: disabled, or installing failed).
+    nft: Option<Nft>,
     /// Set by [`Plumbing::leave_in_place`]: drop removes nothing.
     leave: bool,
 }
@@ -100,9 +111,8 @@ impl Plumbing {
         let bridge_index = nl.index(&cfg.bridge)?;
         nl.add_addr(bridge_index, offset(subnet, 1), 26)?;
         nl.set_up(bridge_index)?;
-        // Instances reach the TUN and each other's workers through this host (spec §3.1 6).
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1")
-            .map_err(|e| io::Error::new(e.kind(), format!("enable net.ipv4.ip_forward: {e}")))?;
+        enable_forwarding()?;
+        let nft = install_nat(&cfg, subnet);
         Ok(Plumbing {
             cfg,
             nl,
@@ -110,6 +120,7 @@ impl Plumbing {
             bridge_index,
             pool: AddressPool::default(),
             attached: BTreeMap::new(),
+            nft,
             leave: false,
         })
     }
@@ -173,8 +184,9 @@ impl Plumbing {
         if removed > 0 {
             log::info!("removed {removed} overlay veths no surviving instance uses");
         }
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1")
-            .map_err(|e| io::Error::new(e.kind(), format!("enable net.ipv4.ip_forward: {e}")))?;
+        enable_forwarding()?;
+        // Re-asserted, not trusted: the previous run's table may be gone or stale.
+        let nft = install_nat(&cfg, subnet);
         let kept = attached.values().map(|a: &Attachment| a.nsip).collect();
         Ok((
             Plumbing {
@@ -184,13 +196,19 @@ impl Plumbing {
                 bridge_index,
                 pool,
                 attached,
+                nft,
                 leave: false,
             },
             kept,
         ))
     }
 
-    /// Leaves the bridge and every veth as they are (the instances keep running without the
+    /// The NAT table in force, if any.
+    pub fn nat_table(&self) -> Option<&str> {
+        self.nft.as_ref().and(self.cfg.nat_table.as_deref())
+    }
+
+    /// Leaves the bridge, every veth and the NAT table as they are (the instances keep running without the
     /// worker); the next run takes them back with [`Plumbing::adopt`].
     pub fn leave_in_place(mut self) {
         self.leave = true;
@@ -276,7 +294,7 @@ impl Plumbing {
         }
     }
 
-    /// Removes every veth and the bridge (also done on drop).
+    /// Removes every veth, the bridge and the NAT table (also done on drop).
     pub fn teardown(mut self) -> io::Result<()> {
         self.remove_all()
     }
@@ -284,7 +302,12 @@ impl Plumbing {
     fn remove_all(&mut self) -> io::Result<()> {
         self.attached.clear();
         self.pool = AddressPool::default();
-        remove_leftovers(&mut self.nl, &self.cfg).map(|_| ())
+        let links = remove_leftovers(&mut self.nl, &self.cfg).map(|_| ());
+        let nat = match (self.nft.take(), self.cfg.nat_table.as_deref()) {
+            (Some(mut nft), Some(table)) => nft.remove(table),
+            _ => Ok(()),
+        };
+        links.and(nat)
     }
 }
 
@@ -294,7 +317,48 @@ impl Drop for Plumbing {
             return;
         }
         if let Err(e) = self.remove_all() {
-            log::warn!("removing the overlay bridge and veths failed: {e}");
+            log::warn!("removing the overlay bridge, veths and NAT table failed: {e}");
+        }
+    }
+}
+
+/// Instances reach the TUN, the LAN and each other's workers through this host (spec §3.1
+/// step 6). Written only when off, so an operator's setting is not rewritten needlessly and
+/// the change is visible in the log.
+fn enable_forwarding() -> io::Result<()> {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+    let ctx = |e: io::Error| io::Error::new(e.kind(), format!("enable net.ipv4.ip_forward: {e}"));
+    let now = std::fs::read(PATH).map_err(ctx)?;
+    if now.first() != Some(&b'1') {
+        std::fs::write(PATH, b"1").map_err(ctx)?;
+        log::info!("enabled net.ipv4.ip_forward (was off): instances are routed through this host");
+    }
+    Ok(())
+}
+
+/// Installs the masquerade table. A failure costs instances the LAN and the internet, not the
+/// overlay, so it is logged (once per start) rather than fatal.
+fn install_nat(cfg: &PlumbingConfig, subnet: Ipv4Addr) -> Option<Nft> {
+    let table = cfg.nat_table.as_ref()?;
+    let m = Masquerade {
+        table: table.clone(),
+        subnet,
+        prefix: 26,
+        exclude: OVERLAY,
+        bridge: Some(cfg.bridge.clone()),
+    };
+    match Nft::open().and_then(|mut nft| nft.replace(&m).map(|()| nft)) {
+        Ok(nft) => {
+            log::info!(
+                "outgoing NAT: table ip {table} masquerades {subnet}/26 except to {}/{}",
+                OVERLAY.0,
+                OVERLAY.1
+            );
+            Some(nft)
+        }
+        Err(e) => {
+            log::warn!("outgoing NAT unavailable, instances reach only the overlay: {e}");
+            None
         }
     }
 }
