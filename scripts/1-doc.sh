@@ -71,6 +71,8 @@ stop() {
     [ ! -e "$ns" ] || ip netns del "${ns##*/}" 2>/dev/null || true
   done
   ip link del goProxyBridge 2>/dev/null || true
+  # ...and the outgoing-NAT table the worker keeps for its running instances.
+  ! command -v nft >/dev/null || nft delete table ip oakestra 2>/dev/null || true
   rm -rf "$DIR"
   left=$(leftovers "$instances")
   if [ -n "$left" ]; then

@@ -34,6 +34,85 @@ pub struct Request {
     pub avoid: Option<String>,
 }
 
+/// The first filter a worker fails; put in words only when a rejection is reported.
+enum Unqualified<'a> {
+    NotInDirectList,
+    Virtualization,
+    Architecture,
+    CsiDriver(&'a str),
+}
+
+impl Unqualified<'_> {
+    fn describe(&self, c: &Candidate, req: &Request) -> String {
+        match self {
+            Unqualified::NotInDirectList => {
+                format!(
+                    "not in direct node list {:?}",
+                    req.nodes.as_deref().unwrap_or(&[])
+                )
+            }
+            Unqualified::Virtualization => format!(
+                "offers virtualization {:?}, not {:?}",
+                c.virtualization, req.virtualization
+            ),
+            Unqualified::Architecture => format!(
+                "is {:?}, job needs one of {:?}",
+                c.architecture, req.architectures
+            ),
+            Unqualified::CsiDriver(d) => format!("lacks CSI driver {d:?}"),
+        }
+    }
+}
+
+fn unqualified<'a>(c: &Candidate, req: &'a Request) -> Option<Unqualified<'a>> {
+    if let Some(nodes) = &req.nodes {
+        if !nodes.iter().any(|n| *n == c.name || *n == c.id) {
+            return Some(Unqualified::NotInDirectList);
+        }
+    }
+    if !virtualization_matches(&c.virtualization, &req.virtualization) {
+        return Some(Unqualified::Virtualization);
+    }
+    if !req.architectures.is_empty() && !req.architectures.contains(&c.architecture) {
+        return Some(Unqualified::Architecture);
+    }
+    req.csi_drivers
+        .iter()
+        .find(|d| !c.csi_drivers.contains(d))
+        .map(|d| Unqualified::CsiDriver(d))
+}
+
+/// Why workers were passed over, for a rejection's detail: the first few in words, the rest
+/// counted. Reasons are only formatted while there is room, so a filter that passes over
+/// thousands of workers (a `direct` constraint in a big cluster) costs no allocation each.
+#[derive(Debug, Default)]
+struct Reasons {
+    shown: Vec<String>,
+    more: usize,
+}
+
+impl Reasons {
+    const SHOWN: usize = 8;
+
+    fn push(&mut self, reason: impl FnOnce() -> String) {
+        if self.shown.len() < Self::SHOWN {
+            self.shown.push(reason());
+        } else {
+            self.more += 1;
+        }
+    }
+}
+
+impl std::fmt::Display for Reasons {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown.join("; "))?;
+        if self.more > 0 {
+            write!(f, "; and {} more", self.more)?;
+        }
+        Ok(())
+    }
+}
+
 /// One worker as the scheduler sees it.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Candidate {
@@ -207,52 +286,21 @@ pub fn schedule(candidates: &[Candidate], req: &Request, cluster_name: &str) -> 
             ),
         };
     }
-    let mut why: Vec<String> = Vec::new();
+    let mut why = Reasons::default();
     let qualified: Vec<&Candidate> = active
         .into_iter()
-        .filter(|c| {
-            let reason = if let Some(nodes) = &req.nodes {
-                (!nodes.iter().any(|n| *n == c.name || *n == c.id))
-                    .then(|| format!("not in direct node list {nodes:?}"))
-            } else {
-                None
+        .filter(|c| match unqualified(c, req) {
+            Some(r) => {
+                why.push(|| format!("{} {}", c.name, r.describe(c, req)));
+                false
             }
-            .or_else(|| {
-                (!virtualization_matches(&c.virtualization, &req.virtualization)).then(|| {
-                    format!(
-                        "offers virtualization {:?}, not {:?}",
-                        c.virtualization, req.virtualization
-                    )
-                })
-            })
-            .or_else(|| {
-                (!req.architectures.is_empty() && !req.architectures.contains(&c.architecture))
-                    .then(|| {
-                        format!(
-                            "is {:?}, job needs one of {:?}",
-                            c.architecture, req.architectures
-                        )
-                    })
-            })
-            .or_else(|| {
-                req.csi_drivers
-                    .iter()
-                    .find(|d| !c.csi_drivers.contains(d))
-                    .map(|d| format!("lacks CSI driver {d:?}"))
-            });
-            match reason {
-                Some(r) => {
-                    why.push(format!("{} {r}", c.name));
-                    false
-                }
-                None => true,
-            }
+            None => true,
         })
         .collect();
     if qualified.is_empty() {
         return Decision::Reject {
             status: Status::NoQualifiedWorkerFound,
-            detail: format!("no qualified worker: {}", why.join("; ")),
+            detail: format!("no qualified worker: {why}"),
         };
     }
     let fitting: Vec<&Candidate> = qualified
@@ -260,12 +308,14 @@ pub fn schedule(candidates: &[Candidate], req: &Request, cluster_name: &str) -> 
         .filter(|c| {
             let ok = c.free_vcpus() + 1e-9 >= req.vcpus && c.free_memory() >= req.memory;
             if !ok {
-                why.push(format!(
-                    "{} has {:.2} free vcpus and {} MiB free memory",
-                    c.name,
-                    c.free_vcpus(),
-                    c.free_memory()
-                ));
+                why.push(|| {
+                    format!(
+                        "{} has {:.2} free vcpus and {} MiB free memory",
+                        c.name,
+                        c.free_vcpus(),
+                        c.free_memory()
+                    )
+                });
             }
             ok
         })
@@ -288,10 +338,8 @@ pub fn schedule(candidates: &[Candidate], req: &Request, cluster_name: &str) -> 
         None => Decision::Reject {
             status: Status::NoWorkerCapacity,
             detail: format!(
-                "no worker has {} vcpus and {} MiB free: {}",
-                req.vcpus,
-                req.memory,
-                why.join("; ")
+                "no worker has {} vcpus and {} MiB free: {why}",
+                req.vcpus, req.memory,
             ),
         },
     }
@@ -369,6 +417,41 @@ mod tests {
             node("q", 4.0, 4000),
         ];
         assert_eq!(placed(schedule(&same, &req(1.0, 100), "c1")), "m");
+    }
+
+    #[test]
+    fn a_rejection_names_a_few_workers_and_counts_the_rest() {
+        let nodes: Vec<Candidate> = (0..1000)
+            .map(|i| node(&format!("n{i:04}"), 4.0, 4096))
+            .collect();
+        let mut r = req(0.1, 16);
+        r.nodes = Some(vec!["elsewhere".into()]);
+        let Decision::Reject { status, detail } = schedule(&nodes, &r, "c") else {
+            panic!("placed on a worker outside the direct list");
+        };
+        assert_eq!(status, Status::NoQualifiedWorkerFound);
+        assert!(
+            detail.starts_with(
+                "no qualified worker: w-n0000 not in direct node list [\"elsewhere\"]; w-n0001"
+            ),
+            "{detail}"
+        );
+        assert_eq!(
+            detail.matches("not in direct node list").count(),
+            Reasons::SHOWN,
+            "{detail}"
+        );
+        assert!(detail.ends_with("; and 992 more"), "{detail}");
+        // with room for only some, the capacity reasons are bounded the same way
+        let Decision::Reject { detail, .. } = schedule(&nodes, &req(8.0, 16), "c") else {
+            panic!("placed 8 vcpus on a 4-vcpu worker");
+        };
+        assert_eq!(
+            detail.matches("free vcpus").count(),
+            Reasons::SHOWN,
+            "{detail}"
+        );
+        assert!(detail.ends_with("; and 992 more"), "{detail}");
     }
 
     #[test]
