@@ -70,15 +70,15 @@ fn unqualified<'a>(c: &Candidate, req: &'a Request) -> Option<Unqualified<'a>> {
             return Some(Unqualified::NotInDirectList);
         }
     }
-    if !virtualization_matches(&c.virtualization, &req.virtualization) {
+    if !virtualization_matches(c.virtualization, &req.virtualization) {
         return Some(Unqualified::Virtualization);
     }
-    if !req.architectures.is_empty() && !req.architectures.contains(&c.architecture) {
+    if !req.architectures.is_empty() && !req.architectures.iter().any(|a| a == c.architecture) {
         return Some(Unqualified::Architecture);
     }
     req.csi_drivers
         .iter()
-        .find(|d| !c.csi_drivers.contains(d))
+        .find(|d| !c.csi_drivers.contains(&d.as_str()))
         .map(|d| Unqualified::CsiDriver(d))
 }
 
@@ -113,15 +113,16 @@ impl std::fmt::Display for Reasons {
     }
 }
 
-/// One worker as the scheduler sees it.
+/// One worker as the scheduler sees it, borrowed from the cluster's state: building the list
+/// for every decision must not copy every worker's strings.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct Candidate {
-    pub id: String,
-    pub name: String,
+pub struct Candidate<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
     pub active: bool,
-    pub virtualization: Vec<String>,
-    pub architecture: String,
-    pub csi_drivers: Vec<String>,
+    pub virtualization: &'a [String],
+    pub architecture: &'a str,
+    pub csi_drivers: Vec<&'a str>,
     /// Logical cores.
     pub vcpus: f64,
     /// Available MiB as last reported.
@@ -132,7 +133,7 @@ pub struct Candidate {
     pub reserved_memory: u64,
 }
 
-impl Candidate {
+impl Candidate<'_> {
     pub fn free_vcpus(&self) -> f64 {
         (self.vcpus - self.reserved_vcpus).max(0.0)
     }
@@ -248,10 +249,10 @@ pub fn request_from_job(job: &Value) -> Result<Request, String> {
 /// one total per node out. The caller decides which instances hold resources.
 pub fn reserved_by_node<'a>(
     placed: impl IntoIterator<Item = (&'a str, f64, u64)>,
-) -> HashMap<String, (f64, u64)> {
-    let mut m: HashMap<String, (f64, u64)> = HashMap::new();
+) -> HashMap<&'a str, (f64, u64)> {
+    let mut m: HashMap<&'a str, (f64, u64)> = HashMap::new();
     for (node, vcpus, memory) in placed {
-        let e = m.entry(node.to_string()).or_default();
+        let e = m.entry(node).or_default();
         e.0 += vcpus;
         e.1 += memory;
     }
@@ -321,7 +322,7 @@ pub fn schedule(candidates: &[Candidate], req: &Request, cluster_name: &str) -> 
         })
         .collect();
     let best = fitting.into_iter().min_by(|a, b| {
-        let avoided = |c: &Candidate| req.avoid.as_deref() == Some(c.id.as_str());
+        let avoided = |c: &Candidate| req.avoid.as_deref() == Some(c.id);
         avoided(a)
             .cmp(&avoided(b))
             .then_with(|| {
@@ -329,11 +330,11 @@ pub fn schedule(candidates: &[Candidate], req: &Request, cluster_name: &str) -> 
                     .partial_cmp(&leftover(b, req))
                     .unwrap_or(Ordering::Equal)
             })
-            .then_with(|| a.id.cmp(&b.id))
+            .then_with(|| a.id.cmp(b.id))
     });
     match best {
         Some(c) => Decision::Place {
-            node_id: c.id.clone(),
+            node_id: c.id.to_string(),
         },
         None => Decision::Reject {
             status: Status::NoWorkerCapacity,
@@ -366,13 +367,26 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn node(id: &str, vcpus: f64, mem: u64) -> Candidate {
+    /// Test workers live for the test binary's lifetime, as the cluster's state outlives a
+    /// decision.
+    fn leak<T: ?Sized>(v: Box<T>) -> &'static T {
+        Box::leak(v)
+    }
+    fn strings(v: &[&str]) -> &'static [String] {
+        leak(
+            v.iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .into_boxed_slice(),
+        )
+    }
+    fn node(id: &str, vcpus: f64, mem: u64) -> Candidate<'static> {
         Candidate {
-            id: id.into(),
-            name: format!("w-{id}"),
+            id: leak(id.to_string().into_boxed_str()),
+            name: leak(format!("w-{id}").into_boxed_str()),
             active: true,
-            virtualization: vec!["docker".into()],
-            architecture: "amd64".into(),
+            virtualization: strings(&["docker"]),
+            architecture: "amd64",
             csi_drivers: vec![],
             vcpus,
             memory_available: mem,
@@ -457,11 +471,11 @@ mod tests {
     #[test]
     fn filters_virtualization_architecture_csi_and_direct() {
         let mut arm = node("arm", 4.0, 4000);
-        arm.architecture = "arm64".into();
+        arm.architecture = "arm64";
         let mut uni = node("uni", 4.0, 4000);
-        uni.virtualization = vec!["unikernel".into()];
+        uni.virtualization = strings(&["unikernel"]);
         let mut csi = node("csi", 4.0, 4000);
-        csi.csi_drivers = vec!["nfs".into()];
+        csi.csi_drivers = vec!["nfs"];
         let c = [node("amd", 4.0, 4000), arm, uni, csi];
 
         let mut r = req(1.0, 100);

@@ -593,7 +593,7 @@ impl ClusterState {
 
     // ---------------------------------------------------------------- scheduling and time
 
-    fn candidates(&self, now: u64) -> Vec<Candidate> {
+    fn candidates(&self, now: u64) -> Vec<Candidate<'_>> {
         let reserved = scheduler::reserved_by_node(
             self.instances
                 .values()
@@ -603,7 +603,7 @@ impl ClusterState {
         self.nodes
             .values()
             .map(|n| {
-                let (rv, rm) = reserved.get(&n.id).copied().unwrap_or_default();
+                let (rv, rm) = reserved.get(n.id.as_str()).copied().unwrap_or_default();
                 let used = n.info.memory_percent;
                 let total = if used > 0.0 && used < 100.0 {
                     (n.info.memory as f64 / (1.0 - used / 100.0)) as u64
@@ -611,17 +611,17 @@ impl ClusterState {
                     n.info.memory
                 };
                 Candidate {
-                    id: n.id.clone(),
-                    name: n.name.clone(),
+                    id: &n.id,
+                    name: &n.name,
                     active: self.active(n, now),
-                    virtualization: n.info.virtualization.clone().unwrap_or_default(),
-                    architecture: n.info.architecture.clone(),
+                    virtualization: n.info.virtualization.as_deref().unwrap_or_default(),
+                    architecture: &n.info.architecture,
                     csi_drivers: n
                         .info
                         .csi_drivers
                         .iter()
                         .flatten()
-                        .map(|d| d.csi_driver_name.clone())
+                        .map(|d| d.csi_driver_name.as_str())
                         .collect(),
                     vcpus: n.info.vcpus as f64,
                     memory_available: n.info.memory,
