@@ -1292,6 +1292,27 @@ mod tests {
         )
         .value();
         assert_eq!(table["job_name"], "clientsrvr.test.nginx.test");
+        // Not RUNNING yet, so nothing to route to.
+        assert_eq!(table["instance_list"], serde_json::json!([]));
+        let push = format!(
+            r#"{{"jobs":[{{"_id":"{sid}","instance_list":[{{"instance_number":0,"status":"RUNNING"}}]}}]}}"#
+        );
+        let r = call(
+            &root,
+            "POST",
+            &format!("/api/information/{cid}/jobs"),
+            Some("join"),
+            &push,
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let table = call(
+            &root,
+            "GET",
+            "/api/net/service/ip/10_30_30_30/instances",
+            Some("join"),
+            "",
+        )
+        .value();
         assert_eq!(table["instance_list"][0]["host_port"], 0);
         assert_eq!(
             call(

@@ -6,6 +6,7 @@
 
 use crate::root::clusters::{aggregate_status, Outbound};
 use crate::root::db::{Db, DbError};
+use crate::root::model::{Instance, Job};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -22,6 +23,35 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// A cluster's thread ends after this long without work; the next call starts a new one.
 const IDLE: Duration = Duration::from_secs(30);
 const MAX_RESPONSE: u64 = 1 << 20;
+/// How often the job tables are compared for routing changes: bounds how long clients keep
+/// routing to an instance that is no longer RUNNING, on top of the cluster's detection.
+const TABLE_POLL: Duration = Duration::from_millis(200);
+
+/// Identifies the set of instances that can take traffic, with their addresses.
+fn routable_fingerprint(j: &Job) -> u64 {
+    routable_fingerprint_of(
+        j.instance_list
+            .iter()
+            .filter(|i| i.status == Status::Running),
+    )
+}
+
+fn routable_fingerprint_of<'a>(it: impl Iterator<Item = &'a Instance>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for i in it {
+        (
+            i.instance_number,
+            &i.instance_ip,
+            &i.instance_ip_v6,
+            &i.namespace_ip,
+            &i.tunnel_ip,
+            &i.tunnel_port,
+        )
+            .hash(&mut h);
+    }
+    h.finish()
+}
 
 pub struct Delivery {
     db: Arc<Db>,
@@ -33,13 +63,59 @@ pub struct Delivery {
 
 impl Delivery {
     pub fn new(db: Arc<Db>, token: String) -> Arc<Delivery> {
-        Arc::new(Delivery {
+        let d = Arc::new(Delivery {
             db,
             token,
             stop: AtomicBool::new(false),
             queues: Mutex::new(HashMap::new()),
             threads: Mutex::new(Vec::new()),
-        })
+        });
+        let me = d.clone();
+        match std::thread::Builder::new()
+            .name("root-tables".into())
+            .spawn(move || me.watch_tables())
+        {
+            Ok(h) => d.threads.lock().unwrap_or_else(|e| e.into_inner()).push(h),
+            Err(e) => log::error!("cannot start the table watcher (no failover updates): {e}"),
+        }
+        d
+    }
+
+    /// Every change of a job's routable instances, whatever caused it (a status push, a
+    /// cluster or worker declared dead, an undeploy, a reschedule), becomes a `JobUpdate` to
+    /// the clusters, which tell their workers to query the table again (spec overlay §3.7).
+    /// Watching the state rather than hooking each writer means none can be forgotten; the
+    /// update goes out only after the change is in the state the re-query reads.
+    /// Upstream informs only the clusters that asked for the job; every cluster is told here,
+    /// which costs a publish on a topic nobody may hold (clusters are few).
+    fn watch_tables(self: Arc<Self>) {
+        let mut seen: HashMap<String, u64> = HashMap::new();
+        let mut first = true;
+        while self.pause(TABLE_POLL) {
+            let changed = self.db.read(|s| {
+                let mut changed = Vec::new();
+                seen.retain(|name, _| s.jobs.iter().any(|j| j.job_name == *name));
+                for j in &s.jobs {
+                    let fp = routable_fingerprint(j);
+                    let before = seen.insert(j.job_name.clone(), fp);
+                    let before =
+                        before.unwrap_or_else(|| routable_fingerprint_of(std::iter::empty()));
+                    if before != fp && !first {
+                        for c in &s.clusters {
+                            changed.push(Outbound::JobUpdate {
+                                cluster_id: c.id.clone(),
+                                job_name: j.job_name.clone(),
+                            });
+                        }
+                    }
+                }
+                changed
+            });
+            first = false;
+            if !changed.is_empty() {
+                self.send(changed);
+            }
+        }
     }
 
     pub fn send(self: &Arc<Self>, items: Vec<Outbound>) {
@@ -142,6 +218,11 @@ impl Delivery {
                 Outbound::Undeploy {
                     job_id, instance, ..
                 } => ("DELETE", format!("/api/service/{job_id}/{instance}"), None),
+                Outbound::JobUpdate { job_name, .. } => (
+                    "POST",
+                    "/api/net/job/update".to_string(),
+                    serde_json::to_vec(&serde_json::json!({ "job_name": job_name })).ok(),
+                ),
             };
             Some((c.base_url(), c.candidate_name.clone(), method, path, body))
         });

@@ -272,9 +272,12 @@ impl Job {
 
     /// The network-table document served to cluster service managers (CLUSTER_CONTRACT §1.4).
     pub fn table_doc(&self) -> Value {
+        // Only instances that can take traffic: a FAILED or DEAD one listed here keeps
+        // receiving the clients' flows until its replacement is up (issue #8.3).
         let instances: Vec<Value> = self
             .instance_list
             .iter()
+            .filter(|i| i.status == Status::Running)
             .map(|i| {
                 json!({"instance_number": i.instance_number, "instance_ip": i.instance_ip,
                        "instance_ip_v6": i.instance_ip_v6, "cluster_id": i.cluster_id,
