@@ -446,6 +446,85 @@ mod tests {
         drop(srv);
     }
 
+    /// A routable-set change (RUNNING → FAILED, a new RUNNING one) reaches every cluster as
+    /// `POST /api/net/job/update`; a change clients cannot see (metrics, a pending instance)
+    /// does not.
+    #[test]
+    fn routing_changes_are_sent_to_the_clusters() {
+        use crate::root::db::Memory;
+        use crate::root::model::{Cluster, Job, Oid};
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let handler: http::Handler = Arc::new(move |r: &Request| {
+            s2.lock().unwrap().push((r.path.clone(), r.body.clone()));
+            Response::json(200, &serde_json::json!({"status": "ok"}))
+        });
+        let srv = http::serve("127.0.0.1:0".parse().unwrap(), 1, "cluster", handler).unwrap();
+        let db = Arc::new(Db::open(Box::new(Memory)).unwrap());
+        let mut job: Job = serde_json::from_value(serde_json::json!({
+            "_id": {"$oid": "aaaaaaaaaaaaaaaaaaaaaaaa"}, "microserviceID": "", "applicationID": "",
+            "job_name": "a.b.c.d", "app_name": "a", "app_ns": "b", "service_name": "c",
+            "service_ns": "d", "image": "", "virtualization": "container",
+            "next_instance_progressive_number": 2, "instance_list": [], "RR_ip": "",
+            "RR_ip_v6": "", "service_ip_list": []}))
+        .unwrap();
+        let mut running = Instance::new(0, "c1", "", 0.0);
+        running.status = Status::Running;
+        running.instance_ip = "10.30.0.2".into();
+        job.instance_list = vec![running, Instance::new(1, "c1", "", 0.0)];
+        db.write(|s| {
+            s.jobs.push(job);
+            s.clusters.push(Cluster {
+                id: Oid::new("c1").oid,
+                ip: srv.addr.ip().to_string(),
+                port: srv.addr.port().to_string(),
+                ..Cluster::default()
+            });
+            Ok::<_, DbError>(())
+        })
+        .unwrap();
+        let d = Delivery::new(db.clone(), "tok".into());
+        let set = |n: u64, st: Status| {
+            db.write(|s| {
+                s.jobs[0].instance_mut(n).unwrap().status = st;
+                Ok::<_, DbError>(())
+            })
+            .unwrap()
+        };
+        let updates = || seen.lock().unwrap().len();
+        let wait = |n: usize| {
+            let t = std::time::Instant::now();
+            while updates() < n && t.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            updates()
+        };
+        std::thread::sleep(TABLE_POLL * 3);
+        // Pending instance 1 changes, and metrics: nothing a client routes by.
+        set(1, Status::Creating);
+        db.write(|s| {
+            s.jobs[0].instance_list[0].last_modified_timestamp = 9.0;
+            Ok::<_, DbError>(())
+        })
+        .unwrap();
+        std::thread::sleep(TABLE_POLL * 3);
+        assert_eq!(
+            updates(),
+            0,
+            "the first look and invisible changes are silent"
+        );
+        set(0, Status::Failed);
+        assert_eq!(wait(1), 1, "RUNNING → FAILED");
+        set(1, Status::Running);
+        assert_eq!(wait(2), 2, "a new RUNNING instance");
+        d.shutdown();
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen[0].0, "/api/net/job/update");
+        let body: serde_json::Value = serde_json::from_slice(&seen[1].1).unwrap();
+        assert_eq!(body["job_name"], "a.b.c.d");
+        drop(srv);
+    }
+
     #[test]
     fn chunked_bodies_are_decoded() {
         let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
