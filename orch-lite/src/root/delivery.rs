@@ -89,17 +89,25 @@ impl Delivery {
     /// Upstream informs only the clusters that asked for the job; every cluster is told here,
     /// which costs a publish on a topic nobody may hold (clusters are few).
     fn watch_tables(self: Arc<Self>) {
-        let mut seen: HashMap<String, u64> = HashMap::new();
-        let mut first = true;
+        // job name → (fingerprint, round last seen); bounded by the jobs in the state, and a
+        // job's name is cloned once, when it first appears.
+        let mut seen: HashMap<String, (u64, u64)> = HashMap::new();
+        let empty = routable_fingerprint_of(std::iter::empty());
+        let mut round = 0u64;
         while self.pause(TABLE_POLL) {
+            round += 1;
+            let first = round == 1;
             let changed = self.db.read(|s| {
                 let mut changed = Vec::new();
-                seen.retain(|name, _| s.jobs.iter().any(|j| j.job_name == *name));
                 for j in &s.jobs {
                     let fp = routable_fingerprint(j);
-                    let before = seen.insert(j.job_name.clone(), fp);
-                    let before =
-                        before.unwrap_or_else(|| routable_fingerprint_of(std::iter::empty()));
+                    let before = match seen.get_mut(&j.job_name) {
+                        Some(e) => std::mem::replace(e, (fp, round)).0,
+                        None => {
+                            seen.insert(j.job_name.clone(), (fp, round));
+                            empty
+                        }
+                    };
                     if before != fp && !first {
                         for c in &s.clusters {
                             changed.push(Outbound::JobUpdate {
@@ -111,7 +119,7 @@ impl Delivery {
                 }
                 changed
             });
-            first = false;
+            seen.retain(|_, (_, r)| *r == round);
             if !changed.is_empty() {
                 self.send(changed);
             }
