@@ -1292,10 +1292,10 @@ mod tests {
         )
         .value();
         assert_eq!(table["job_name"], "clientsrvr.test.nginx.test");
-        // Not RUNNING yet, so nothing to route to.
-        assert_eq!(table["instance_list"], serde_json::json!([]));
+        assert_eq!(table["instance_list"][0]["host_port"], 0);
+        // A FAILED instance leaves the table: clients must not route to it.
         let push = format!(
-            r#"{{"jobs":[{{"_id":"{sid}","instance_list":[{{"instance_number":0,"status":"RUNNING"}}]}}]}}"#
+            r#"{{"jobs":[{{"_id":"{sid}","instance_list":[{{"instance_number":0,"status":"FAILED"}}]}}]}}"#
         );
         let r = call(
             &root,
@@ -1313,7 +1313,7 @@ mod tests {
             "",
         )
         .value();
-        assert_eq!(table["instance_list"][0]["host_port"], 0);
+        assert_eq!(table["instance_list"], serde_json::json!([]));
         assert_eq!(
             call(
                 &root,

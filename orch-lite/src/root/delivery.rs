@@ -27,13 +27,9 @@ const MAX_RESPONSE: u64 = 1 << 20;
 /// routing to an instance that is no longer RUNNING, on top of the cluster's detection.
 const TABLE_POLL: Duration = Duration::from_millis(200);
 
-/// Identifies the set of instances that can take traffic, with their addresses.
+/// Identifies the instances the table lists, with their addresses.
 fn routable_fingerprint(j: &Job) -> u64 {
-    routable_fingerprint_of(
-        j.instance_list
-            .iter()
-            .filter(|i| i.status == Status::Running),
-    )
+    routable_fingerprint_of(j.instance_list.iter().filter(|i| i.is_routable()))
 }
 
 fn routable_fingerprint_of<'a>(it: impl Iterator<Item = &'a Instance>) -> u64 {
@@ -454,8 +450,8 @@ mod tests {
         drop(srv);
     }
 
-    /// A routable-set change (RUNNING → FAILED, a new RUNNING one) reaches every cluster as
-    /// `POST /api/net/job/update`; a change clients cannot see (metrics, a pending instance)
+    /// A change of the table (RUNNING → FAILED, an instance's address) reaches every cluster as
+    /// `POST /api/net/job/update`; a change clients cannot see (metrics, pending → RUNNING)
     /// does not.
     #[test]
     fn routing_changes_are_sent_to_the_clusters() {
@@ -508,7 +504,8 @@ mod tests {
             updates()
         };
         std::thread::sleep(TABLE_POLL * 3);
-        // Pending instance 1 changes, and metrics: nothing a client routes by.
+        // Pending instance 1 moves on (listed before and after), and metrics: nothing a
+        // client routes by.
         set(1, Status::Creating);
         db.write(|s| {
             s.jobs[0].instance_list[0].last_modified_timestamp = 9.0;
@@ -524,7 +521,14 @@ mod tests {
         set(0, Status::Failed);
         assert_eq!(wait(1), 1, "RUNNING → FAILED");
         set(1, Status::Running);
-        assert_eq!(wait(2), 2, "a new RUNNING instance");
+        std::thread::sleep(TABLE_POLL * 3);
+        assert_eq!(updates(), 1, "pending → RUNNING: the same table");
+        db.write(|s| {
+            s.jobs[0].instance_list[1].namespace_ip = "10.18.0.66".into();
+            Ok::<_, DbError>(())
+        })
+        .unwrap();
+        assert_eq!(wait(2), 2, "the new instance's address arrived");
         d.shutdown();
         let seen = seen.lock().unwrap();
         assert_eq!(seen[0].0, "/api/net/job/update");
