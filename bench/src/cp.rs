@@ -84,9 +84,19 @@ fn register_all(api: u16, names: &[String], threads: usize) -> Result<Vec<String
                 let mut out = Vec::new();
                 for (i, name) in chunk {
                     let body = serde_json::to_value(node_doc(&name)).map_err(|e| e.to_string())?;
-                    let ans: protocol::RegisterAnswer = agent
-                        .post(&url)
-                        .send_json(body)
+                    // 503 until the cluster's MQTT subscriptions are in place: wait, as a
+                    // worker does.
+                    let mut tries = 0;
+                    let res = loop {
+                        match agent.post(&url).send_json(body.clone()) {
+                            Err(ureq::Error::Status(503, _)) if tries < 200 => {
+                                tries += 1;
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                            r => break r,
+                        }
+                    };
+                    let ans: protocol::RegisterAnswer = res
                         .map_err(|e| format!("register {name}: {e}"))?
                         .into_json()
                         .map_err(|e| format!("register {name}: {e}"))?;

@@ -171,3 +171,71 @@ fn cluster_external_mosquitto_same_flow() {
         orch.counter("malformed_resources") == 1 && orch.counter("malformed_net") == 1
     });
 }
+
+/// A worker registered before the cluster's MQTT subscriptions are in place would send its
+/// first subnet request into the void (issue #5.4): with its external broker unreachable the
+/// cluster refuses registrations with 503 and says why; once the broker is up, it accepts.
+#[test]
+fn registration_waits_for_the_mqtt_subscriptions() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker_port = free_port();
+    let api = free_port();
+    let env = vec![(
+        "OAK_MQTT_URL".to_string(),
+        format!("mqtt://127.0.0.1:{broker_port}"),
+    )];
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _cluster = Kill(cluster_support::spawn(dir.path(), api, broker_port, &env));
+    let url = format!("http://127.0.0.1:{api}/api/node/register");
+    let doc = node_doc("w1", "machine-1", 4, 4000, None);
+    let post = || match ureq::post(&url).send_json(doc.clone()) {
+        Ok(r) => Some((r.status(), r.into_json::<Value>().unwrap_or(Value::Null))),
+        Err(ureq::Error::Status(c, r)) => Some((c, r.into_json().unwrap_or(Value::Null))),
+        Err(_) => None,
+    };
+    let mut first = None;
+    wait_for("cluster API", Duration::from_secs(20), || {
+        first = post();
+        first.is_some()
+    });
+    let (code, body) = first.unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body["message"].as_str().unwrap_or("").contains("MQTT"),
+        "{body}"
+    );
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {broker_port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+    )
+    .unwrap();
+    let _mosquitto = Kill(
+        std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto is installed"),
+    );
+    let mut ok = false;
+    for _ in 0..150 {
+        if let Some((200, b)) = post() {
+            assert_eq!(b["id"].as_str().map(str::len), Some(24), "{b}");
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        ok,
+        "registration still refused 15 s after the broker came up"
+    );
+}

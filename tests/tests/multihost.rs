@@ -99,6 +99,8 @@ struct Worker {
     host: Host,
     name: String,
     logs: PathBuf,
+    /// SIGKILLed by a drill: its overlay is left as a crash leaves it.
+    killed: bool,
 }
 
 impl Worker {
@@ -136,6 +138,7 @@ impl Worker {
             fx,
             name,
             proc: Some(proc),
+            killed: false,
         })
     }
 
@@ -149,6 +152,14 @@ impl Worker {
         self.proc.as_ref().map(|p| p.tail(25)).unwrap_or_default()
     }
 
+    /// The crash of a drill: the worker dies, its containerd and instances live on.
+    fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+        self.killed = true;
+    }
+
     /// SIGTERM and a clean exit; then nothing of the overlay is left in its host but what its
     /// running instances use.
     fn stop(&mut self) -> Result<(), String> {
@@ -157,6 +168,9 @@ impl Worker {
             if !st.success() {
                 return Err(format!("{} exited with {st}:\n{}", self.name, p.tail(20)));
             }
+        }
+        if self.killed {
+            return Ok(());
         }
         // A stopped worker leaves its running instances wired (the next start re-attaches
         // them): only the bridge and the veths of instances still in its containerd may stay.
@@ -331,7 +345,7 @@ const MDOC_RR: &str = "10.30.30.30";
 
 fn mdoc_scenario(
     root: &Root,
-    workers: &[Worker],
+    workers: &mut [Worker],
     image: &str,
     started: Instant,
 ) -> Result<(), String> {
@@ -472,6 +486,70 @@ fn mdoc_scenario(
         d.as_millis(),
         t.elapsed().as_millis()
     );
+    failover_drill(root, workers, &server, [s0, s2], [on_s0, on_s1], &log)
+}
+
+/// Drill 3 (issue #8.3): free instance s0's worker, then SIGKILL the worker of s2. The cluster
+/// declares that worker dead (`OAK_NODE_TIMEOUT_MS`) and reschedules s2 onto the freed one; the
+/// client must follow: its fetches succeed again and come only from the replacement, which
+/// the root's table lists alone once it is RUNNING (the dead one's data plane is gone with its
+/// worker, so a stale route would show as failed fetches, never as answers).
+fn failover_drill(
+    root: &Root,
+    workers: &mut [Worker],
+    server: &e2e::root::Service,
+    [s0, s2]: [u64; 2],
+    [free, doomed]: [usize; 2],
+    log: &Path,
+) -> Result<(), String> {
+    root.undeploy(server, s0)?;
+    wait_for(
+        "instance s0 to leave its worker",
+        Duration::from_secs(30),
+        || Ok((!workers[free].holds(&server.container(s0))).then_some(())),
+    )?;
+    let who = format!("instance-{s2}");
+    let t = Instant::now();
+    let mark = answers(log).len();
+    workers[doomed].kill();
+    let container = server.container(s2);
+    wait_for(
+        "the instance to be RUNNING on another worker",
+        Duration::from_secs(40),
+        || {
+            let running = root.instance_status(&server.id, s2)?.as_deref() == Some("RUNNING");
+            Ok((running && workers[free].holds(&container)).then_some(()))
+        },
+    )?;
+    let rescheduled = t.elapsed();
+    let recovered = wait_for(
+        "10 answers in a row from the replacement",
+        Duration::from_secs(40),
+        || {
+            let a = answers(log);
+            let tail: Vec<&String> = a.iter().skip(mark).rev().take(10).collect();
+            Ok((tail.len() == 10 && tail.iter().all(|w| **w == who)).then_some(a))
+        },
+    )?;
+    let served = t.elapsed();
+    let after: Vec<&String> = recovered[mark..].iter().collect();
+    let failed = after.iter().filter(|w| **w == "fetch-failed").count();
+    let foreign: Vec<&&String> = after
+        .iter()
+        .filter(|w| ***w != "fetch-failed" && ***w != who)
+        .collect();
+    assert!(
+        foreign.is_empty(),
+        "answers from removed instances: {foreign:?}"
+    );
+    println!(
+        "M-DOC drill failover: worker {} SIGKILLed; {who} RUNNING on {} after {} ms, \
+         the client served by it again after {} ms ({failed} failed fetches meanwhile)",
+        workers[doomed].name,
+        workers[free].name,
+        rescheduled.as_millis(),
+        served.as_millis()
+    );
     Ok(())
 }
 
@@ -512,7 +590,9 @@ fn mdoc_round_robin_over_workers() {
                     format!("{}:{CLUSTER_PORT}", ctl.addr),
                 )
                 .env("OAK_MQTT_ADDR", format!("{}:{MQTT_PORT}", ctl.addr))
-                .env("OAK_CLUSTER_NAME", "mdoc"),
+                .env("OAK_CLUSTER_NAME", "mdoc")
+                // The failover drill waits for the killed worker to be declared dead.
+                .env("OAK_NODE_TIMEOUT_MS", "6000"),
         ),
         work.join("orch-lite.log"),
     )
@@ -533,7 +613,7 @@ fn mdoc_round_robin_over_workers() {
         );
     }
 
-    if let Err(e) = mdoc_scenario(&root, &workers, &image, started) {
+    if let Err(e) = mdoc_scenario(&root, &mut workers, &image, started) {
         hold_for_debugging(&e);
         let logs: Vec<String> = workers
             .iter()
@@ -685,6 +765,26 @@ fn mdnc_scenario(
         "{counts:?}"
     );
     println!("MDNC: {n} fetches across clusters: {counts:?}");
+
+    // Drill (issue #8.4): replace the server under the second cluster; the client's cluster
+    // hears of both changes from the root and the client follows, without stale routing.
+    let t = Instant::now();
+    root.undeploy(&server, s0)?;
+    let (s1, d) = root.deploy(&server, limit)?;
+    assert_eq!(placed_on(workers, &server.container(s1))?, 1);
+    let mark = answers(&log).len();
+    let who = format!("instance-{s1}");
+    let seen = wait_answer(&log, mark, &who, Duration::from_secs(30))?;
+    let counts = count_answers(&log, seen + 1, 10, Duration::from_secs(30))?;
+    assert_eq!(counts.get(&who).copied(), Some(10), "{counts:?}");
+    println!(
+        "MDNC drill replace: instance-{s0} undeployed, instance-{s1} RUNNING under {} \
+         (deploy {} ms); the client under {} served by it {} ms after the undeploy",
+        clusters[1],
+        d.as_millis(),
+        clusters[0],
+        t.elapsed().as_millis()
+    );
     Ok(())
 }
 

@@ -14,6 +14,8 @@ pub fn handle(sh: &Shared, req: &Request) -> Response {
         ("GET", "/api/cluster/status") => {
             let mut v = sh.lock().status(now_ms());
             v["connected_to_root"] = sh.root_connected().into();
+            // Registrations are refused (503) until this is true.
+            v["mqtt_subscribed"] = sh.mqtt_ready().into();
             Response::json(200, &v)
         }
         ("GET", "/metrics") => {
@@ -26,11 +28,15 @@ pub fn handle(sh: &Shared, req: &Request) -> Response {
         }
         ("GET", "/healthz") => Response::json(200, &serde_json::json!({"status": "ok"})),
         (m @ ("POST" | "DELETE"), p) if p.starts_with("/api/service/") => service(sh, req, m),
+        ("POST", "/api/net/job/update") => job_update(sh, req),
         _ => Response::not_found(&format!("{} {}", req.method, req.path)),
     }
 }
 
 fn register(sh: &Shared, req: &Request) -> Response {
+    if let Some(refusal) = not_ready(sh) {
+        return refusal;
+    }
     if !req.body.iter().any(|b| !b.is_ascii_whitespace()) {
         return Response::error(
             400,
@@ -57,6 +63,66 @@ fn register(sh: &Shared, req: &Request) -> Response {
         ),
         Err(r) => Response::error(r.status, &r.message),
     }
+}
+
+/// A worker registered before our MQTT subscriptions are in place would ask for its subnet
+/// into the void and wait out the NetManager's 5 s retry; the worker retries a 503 sooner.
+fn not_ready(sh: &Shared) -> Option<Response> {
+    if sh.mqtt_ready() {
+        return None;
+    }
+    super::metrics::Metrics::inc(&sh.metrics.registrations_refused);
+    Some(Response::error(
+        503,
+        "cluster not ready: not yet subscribed to the worker topics on its MQTT broker; retry",
+    ))
+}
+
+/// `POST /api/net/job/update {"job_name"}` from the root: the job's routable instances changed
+/// (an instance failed, moved, left or came up, here or in another cluster); the workers that
+/// route to it subscribed `jobs/<job>/updates_available` and query the table again.
+fn job_update(sh: &Shared, req: &Request) -> Response {
+    if let Some(refusal) = unauthorized(sh, req) {
+        return refusal;
+    }
+    let body: serde_json::Value = match req.json() {
+        Ok(j) => j,
+        Err(r) => return r,
+    };
+    let Some(job_name) = body
+        .get("job_name")
+        .and_then(serde_json::Value::as_str)
+        .filter(|n| protocol::valid_job_name(n))
+    else {
+        return Response::error(
+            400,
+            "expected {\"job_name\": \"<app>.<ns>.<service>.<ns>\"}",
+        );
+    };
+    sh.sink.publish(
+        netstack::control::topic::updates_available(job_name),
+        &netstack::control::UpdatesAvailable {
+            kind: "DEPLOYMENT".into(),
+        },
+    );
+    Response::json(200, &serde_json::json!({"status": "ok"}))
+}
+
+fn unauthorized(sh: &Shared, req: &Request) -> Option<Response> {
+    let token = sh.cfg.root_token.as_ref()?;
+    let ok = req.bearer().is_some_and(|b| {
+        b.len() == token.len()
+            && b.bytes()
+                .zip(token.bytes())
+                .fold(0u8, |a, (x, y)| a | (x ^ y))
+                == 0
+    });
+    (!ok).then(|| {
+        Response::error(
+            401,
+            "this cluster requires Authorization: Bearer <OAK_JOIN_TOKEN> on root calls",
+        )
+    })
 }
 
 /// `POST|DELETE /api/service/<job_id>/<n>` from the root (CLUSTER_CONTRACT §2).

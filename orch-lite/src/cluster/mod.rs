@@ -113,6 +113,10 @@ impl Shared {
     pub fn set_root_connected(&self, v: bool) {
         self.root_connected.store(v, Ordering::Relaxed);
     }
+    /// Connected to the broker and subscribed to the worker topics.
+    pub fn mqtt_ready(&self) -> bool {
+        self.mqtt_connected.load(Ordering::Relaxed)
+    }
     pub fn root_connected(&self) -> bool {
         self.root_connected.load(Ordering::Relaxed)
     }

@@ -46,20 +46,31 @@ pub fn client(
     (client, events)
 }
 
+/// One SUBSCRIBE for all filters, so its single SUBACK says every worker topic is in place.
+fn subscribe(client: &AsyncClient) {
+    let filters = SUBSCRIPTIONS
+        .iter()
+        .map(|f| rumqttc::SubscribeFilter::new(f.to_string(), QoS::AtLeastOnce));
+    if let Err(e) = client.try_subscribe_many(filters) {
+        log::error!("cannot subscribe to the worker topics: {e}");
+    }
+}
+
 pub async fn run(sh: Arc<Shared>, client: AsyncClient, mut events: EventLoop) {
     let mut backoff = Duration::from_millis(200);
     loop {
         match events.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 log::info!("connected to the MQTT broker");
-                sh.set_mqtt_connected(true);
                 sh.lock().broker_up(now_ms());
                 backoff = Duration::from_millis(200);
-                for f in SUBSCRIPTIONS {
-                    if let Err(e) = client.try_subscribe(f, QoS::AtLeastOnce) {
-                        log::error!("cannot subscribe to {f}: {e}");
-                    }
-                }
+                subscribe(&client);
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                // Only now can a worker's first request (its subnet) reach us: registrations
+                // are refused until here so that request is not lost (see api::register).
+                log::info!("subscribed to the worker topics");
+                sh.set_mqtt_connected(true);
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let handled = {

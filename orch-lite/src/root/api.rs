@@ -1293,6 +1293,27 @@ mod tests {
         .value();
         assert_eq!(table["job_name"], "clientsrvr.test.nginx.test");
         assert_eq!(table["instance_list"][0]["host_port"], 0);
+        // A FAILED instance leaves the table: clients must not route to it.
+        let push = format!(
+            r#"{{"jobs":[{{"_id":"{sid}","instance_list":[{{"instance_number":0,"status":"FAILED"}}]}}]}}"#
+        );
+        let r = call(
+            &root,
+            "POST",
+            &format!("/api/information/{cid}/jobs"),
+            Some("join"),
+            &push,
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let table = call(
+            &root,
+            "GET",
+            "/api/net/service/ip/10_30_30_30/instances",
+            Some("join"),
+            "",
+        )
+        .value();
+        assert_eq!(table["instance_list"], serde_json::json!([]));
         assert_eq!(
             call(
                 &root,

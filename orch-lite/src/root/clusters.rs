@@ -27,14 +27,20 @@ pub enum Outbound {
         job_id: String,
         instance: i64,
     },
+    /// `POST /api/net/job/update {job_name}`: the job's routable instances changed; the
+    /// cluster tells its interested workers to query the table again (spec overlay §3.7).
+    JobUpdate {
+        cluster_id: String,
+        job_name: String,
+    },
 }
 
 impl Outbound {
     pub fn cluster_id(&self) -> &str {
         match self {
-            Outbound::Deploy { cluster_id, .. } | Outbound::Undeploy { cluster_id, .. } => {
-                cluster_id
-            }
+            Outbound::Deploy { cluster_id, .. }
+            | Outbound::Undeploy { cluster_id, .. }
+            | Outbound::JobUpdate { cluster_id, .. } => cluster_id,
         }
     }
 }

@@ -6,6 +6,7 @@
 
 use crate::root::clusters::{aggregate_status, Outbound};
 use crate::root::db::{Db, DbError};
+use crate::root::model::{Instance, Job};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -22,6 +23,31 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// A cluster's thread ends after this long without work; the next call starts a new one.
 const IDLE: Duration = Duration::from_secs(30);
 const MAX_RESPONSE: u64 = 1 << 20;
+/// How often the job tables are compared for routing changes: bounds how long clients keep
+/// routing to an instance that is no longer RUNNING, on top of the cluster's detection.
+const TABLE_POLL: Duration = Duration::from_millis(200);
+
+/// Identifies the instances the table lists, with their addresses.
+fn routable_fingerprint(j: &Job) -> u64 {
+    routable_fingerprint_of(j.instance_list.iter().filter(|i| i.is_routable()))
+}
+
+fn routable_fingerprint_of<'a>(it: impl Iterator<Item = &'a Instance>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for i in it {
+        (
+            i.instance_number,
+            &i.instance_ip,
+            &i.instance_ip_v6,
+            &i.namespace_ip,
+            &i.tunnel_ip,
+            &i.tunnel_port,
+        )
+            .hash(&mut h);
+    }
+    h.finish()
+}
 
 pub struct Delivery {
     db: Arc<Db>,
@@ -33,13 +59,67 @@ pub struct Delivery {
 
 impl Delivery {
     pub fn new(db: Arc<Db>, token: String) -> Arc<Delivery> {
-        Arc::new(Delivery {
+        let d = Arc::new(Delivery {
             db,
             token,
             stop: AtomicBool::new(false),
             queues: Mutex::new(HashMap::new()),
             threads: Mutex::new(Vec::new()),
-        })
+        });
+        let me = d.clone();
+        match std::thread::Builder::new()
+            .name("root-tables".into())
+            .spawn(move || me.watch_tables())
+        {
+            Ok(h) => d.threads.lock().unwrap_or_else(|e| e.into_inner()).push(h),
+            Err(e) => log::error!("cannot start the table watcher (no failover updates): {e}"),
+        }
+        d
+    }
+
+    /// Every change of a job's routable instances, whatever caused it (a status push, a
+    /// cluster or worker declared dead, an undeploy, a reschedule), becomes a `JobUpdate` to
+    /// the clusters, which tell their workers to query the table again (spec overlay §3.7).
+    /// Watching the state rather than hooking each writer means none can be forgotten; the
+    /// update goes out only after the change is in the state the re-query reads.
+    /// Upstream informs only the clusters that asked for the job; every cluster is told here,
+    /// which costs a publish on a topic nobody may hold (clusters are few).
+    fn watch_tables(self: Arc<Self>) {
+        // job name → (fingerprint, round last seen); bounded by the jobs in the state, and a
+        // job's name is cloned once, when it first appears.
+        let mut seen: HashMap<String, (u64, u64)> = HashMap::new();
+        let empty = routable_fingerprint_of(std::iter::empty());
+        let mut round = 0u64;
+        while self.pause(TABLE_POLL) {
+            round += 1;
+            let first = round == 1;
+            let changed = self.db.read(|s| {
+                let mut changed = Vec::new();
+                for j in &s.jobs {
+                    let fp = routable_fingerprint(j);
+                    let before = match seen.get_mut(&j.job_name) {
+                        Some(e) => std::mem::replace(e, (fp, round)).0,
+                        None => {
+                            seen.insert(j.job_name.clone(), (fp, round));
+                            empty
+                        }
+                    };
+                    if before != fp && !first {
+                        for c in &s.clusters {
+                            changed.push(Outbound::JobUpdate {
+                                cluster_id: c.id.clone(),
+                                job_name: j.job_name.clone(),
+                            });
+                        }
+                    }
+                }
+                changed
+            });
+            seen.retain(|_, (_, r)| *r == round);
+            if !changed.is_empty() {
+                self.send(changed);
+            }
+        }
     }
 
     pub fn send(self: &Arc<Self>, items: Vec<Outbound>) {
@@ -142,6 +222,11 @@ impl Delivery {
                 Outbound::Undeploy {
                     job_id, instance, ..
                 } => ("DELETE", format!("/api/service/{job_id}/{instance}"), None),
+                Outbound::JobUpdate { job_name, .. } => (
+                    "POST",
+                    "/api/net/job/update".to_string(),
+                    serde_json::to_vec(&serde_json::json!({ "job_name": job_name })).ok(),
+                ),
             };
             Some((c.base_url(), c.candidate_name.clone(), method, path, body))
         });
@@ -362,6 +447,93 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("cannot connect"), "{e}");
+        drop(srv);
+    }
+
+    /// A change of the table (RUNNING → FAILED, an instance's address) reaches every cluster as
+    /// `POST /api/net/job/update`; a change clients cannot see (metrics, pending → RUNNING)
+    /// does not.
+    #[test]
+    fn routing_changes_are_sent_to_the_clusters() {
+        use crate::root::db::Memory;
+        use crate::root::model::{Cluster, Job, Oid};
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let handler: http::Handler = Arc::new(move |r: &Request| {
+            s2.lock().unwrap().push((r.path.clone(), r.body.clone()));
+            Response::json(200, &serde_json::json!({"status": "ok"}))
+        });
+        let srv = http::serve("127.0.0.1:0".parse().unwrap(), 1, "cluster", handler).unwrap();
+        let db = Arc::new(Db::open(Box::new(Memory)).unwrap());
+        let mut job: Job = serde_json::from_value(serde_json::json!({
+            "_id": {"$oid": "aaaaaaaaaaaaaaaaaaaaaaaa"}, "microserviceID": "", "applicationID": "",
+            "job_name": "a.b.c.d", "app_name": "a", "app_ns": "b", "service_name": "c",
+            "service_ns": "d", "image": "", "virtualization": "container",
+            "next_instance_progressive_number": 2, "instance_list": [], "RR_ip": "",
+            "RR_ip_v6": "", "service_ip_list": []}))
+        .unwrap();
+        let mut running = Instance::new(0, "c1", "", 0.0);
+        running.status = Status::Running;
+        running.instance_ip = "10.30.0.2".into();
+        job.instance_list = vec![running, Instance::new(1, "c1", "", 0.0)];
+        db.write(|s| {
+            s.jobs.push(job);
+            s.clusters.push(Cluster {
+                id: Oid::new("c1").oid,
+                ip: srv.addr.ip().to_string(),
+                port: srv.addr.port().to_string(),
+                ..Cluster::default()
+            });
+            Ok::<_, DbError>(())
+        })
+        .unwrap();
+        let d = Delivery::new(db.clone(), "tok".into());
+        let set = |n: u64, st: Status| {
+            db.write(|s| {
+                s.jobs[0].instance_mut(n).unwrap().status = st;
+                Ok::<_, DbError>(())
+            })
+            .unwrap()
+        };
+        let updates = || seen.lock().unwrap().len();
+        let wait = |n: usize| {
+            let t = std::time::Instant::now();
+            while updates() < n && t.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            updates()
+        };
+        std::thread::sleep(TABLE_POLL * 3);
+        // Pending instance 1 moves on (listed before and after), and metrics: nothing a
+        // client routes by.
+        set(1, Status::Creating);
+        db.write(|s| {
+            s.jobs[0].instance_list[0].last_modified_timestamp = 9.0;
+            Ok::<_, DbError>(())
+        })
+        .unwrap();
+        std::thread::sleep(TABLE_POLL * 3);
+        assert_eq!(
+            updates(),
+            0,
+            "the first look and invisible changes are silent"
+        );
+        set(0, Status::Failed);
+        assert_eq!(wait(1), 1, "RUNNING → FAILED");
+        set(1, Status::Running);
+        std::thread::sleep(TABLE_POLL * 3);
+        assert_eq!(updates(), 1, "pending → RUNNING: the same table");
+        db.write(|s| {
+            s.jobs[0].instance_list[1].namespace_ip = "10.18.0.66".into();
+            Ok::<_, DbError>(())
+        })
+        .unwrap();
+        assert_eq!(wait(2), 2, "the new instance's address arrived");
+        d.shutdown();
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen[0].0, "/api/net/job/update");
+        let body: serde_json::Value = serde_json::from_slice(&seen[1].1).unwrap();
+        assert_eq!(body["job_name"], "a.b.c.d");
         drop(srv);
     }
 

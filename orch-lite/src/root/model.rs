@@ -149,6 +149,14 @@ impl Instance {
 
     /// Placed on a cluster but not yet running there, so its memory is not yet visible in the
     /// cluster's reported free memory (the scheduler reserves it).
+    /// Listed in the network tables: RUNNING, or on its way there. A FAILED or DEAD one listed
+    /// keeps receiving the clients' flows until its replacement is up (issue #8.3). The ones on
+    /// their way must stay: a worker deploying an instance learns the instance's own service
+    /// address from the table (spec overlay §3.2), before the instance is RUNNING.
+    pub fn is_routable(&self) -> bool {
+        self.status == Status::Running || self.is_pending()
+    }
+
     pub fn is_pending(&self) -> bool {
         matches!(
             self.status,
@@ -275,6 +283,7 @@ impl Job {
         let instances: Vec<Value> = self
             .instance_list
             .iter()
+            .filter(|i| i.is_routable())
             .map(|i| {
                 json!({"instance_number": i.instance_number, "instance_ip": i.instance_ip,
                        "instance_ip_v6": i.instance_ip_v6, "cluster_id": i.cluster_id,

@@ -60,9 +60,14 @@ impl Orch {
     }
 
     fn wait_ready(&mut self) {
-        let url = self.url("/healthz");
-        wait_for("orch-lite API", Duration::from_secs(20), || {
-            ureq::get(&url).call().is_ok()
+        // Registrations are refused with 503 until the cluster's MQTT subscriptions are in.
+        let url = self.url("/api/cluster/status");
+        wait_for("orch-lite API subscribed", Duration::from_secs(20), || {
+            ureq::get(&url)
+                .call()
+                .ok()
+                .and_then(|r| r.into_json::<Value>().ok())
+                .is_some_and(|v| v["mqtt_subscribed"] == true)
         });
     }
 
@@ -132,7 +137,7 @@ pub fn status_of(r: Result<ureq::Response, ureq::Error>) -> u16 {
     }
 }
 
-fn spawn(dir: &Path, api: u16, mqtt: u16, env: &[(String, String)]) -> Child {
+pub fn spawn(dir: &Path, api: u16, mqtt: u16, env: &[(String, String)]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
