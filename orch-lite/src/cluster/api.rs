@@ -108,6 +108,7 @@ fn job_update(sh: &Shared, req: &Request) -> Response {
     Response::json(200, &serde_json::json!({"status": "ok"}))
 }
 
+/// Root calls carry the join token when the cluster has one (compared in constant time).
 fn unauthorized(sh: &Shared, req: &Request) -> Option<Response> {
     let token = sh.cfg.root_token.as_ref()?;
     let ok = req.bearer().is_some_and(|b| {
@@ -127,20 +128,8 @@ fn unauthorized(sh: &Shared, req: &Request) -> Option<Response> {
 
 /// `POST|DELETE /api/service/<job_id>/<n>` from the root (CLUSTER_CONTRACT §2).
 fn service(sh: &Shared, req: &Request, method: &str) -> Response {
-    if let Some(token) = &sh.cfg.root_token {
-        let ok = req.bearer().is_some_and(|b| {
-            b.len() == token.len()
-                && b.bytes()
-                    .zip(token.bytes())
-                    .fold(0u8, |a, (x, y)| a | (x ^ y))
-                    == 0
-        });
-        if !ok {
-            return Response::error(
-                401,
-                "this cluster requires Authorization: Bearer <OAK_JOIN_TOKEN> on root calls",
-            );
-        }
+    if let Some(refusal) = unauthorized(sh, req) {
+        return refusal;
     }
     let segs = req.segments_after("/api/service").unwrap_or_default();
     let [job_id, n] = segs.as_slice() else {
