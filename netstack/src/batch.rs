@@ -42,10 +42,19 @@ fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
 
 /// Tunnel packets waiting to be sent, each in its own slot, so the engine translates them in
 /// place and consecutive ones to the same peer go out as one GSO send.
+///
+/// A queued packet may also end in a *tail*: bytes outside the slot, in a buffer the caller
+/// hands to [`TxQueue::flush`] (the payload of a TCP super-segment still in the TUN read
+/// buffer, so only the rewritten headers are written into slots and the payload is never copied
+/// in userspace). Tails are offsets, not pointers: a wrong buffer sends wrong bytes, never
+/// touches memory it should not.
 pub struct TxQueue {
     slots: Box<[u8]>,
     slot_len: usize,
+    /// Whole datagram length (slot part and tail).
     lens: [usize; TX_CAP],
+    /// Offset and length of the tail in the flush's tail buffer (length 0: none).
+    tails: [(usize, usize); TX_CAP],
     peers: [SocketAddrV4; TX_CAP],
     n: usize,
     gso: bool,
@@ -68,6 +77,7 @@ impl TxQueue {
             slots: vec![0u8; slot_len * TX_CAP].into_boxed_slice(),
             slot_len,
             lens: [0; TX_CAP],
+            tails: [(0, 0); TX_CAP],
             peers: [SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0); TX_CAP],
             n: 0,
             gso,
@@ -99,22 +109,38 @@ impl TxQueue {
 
     /// Queues the next slot's first `len` bytes for `peer`.
     pub fn commit(&mut self, len: usize, peer: SocketAddrV4) {
+        self.commit_with_tail(len, peer, 0, 0);
+    }
+
+    /// Queues the next slot's first `head` bytes followed by `tail_len` bytes at `tail_off` of
+    /// the buffer the next [`TxQueue::flush`] is given.
+    pub fn commit_with_tail(
+        &mut self,
+        head: usize,
+        peer: SocketAddrV4,
+        tail_off: usize,
+        tail_len: usize,
+    ) {
         if self.n < TX_CAP {
-            self.lens[self.n] = len.min(self.slot_len);
+            let head = head.min(self.slot_len);
+            self.lens[self.n] = head + tail_len;
+            self.tails[self.n] = (tail_off, tail_len);
             self.peers[self.n] = peer;
             self.n += 1;
         }
     }
 
-    /// Sends everything queued. Datagrams the socket refuses (buffer full) are dropped and
-    /// counted, as a single `send_to` would have.
-    pub fn flush(&mut self, fd: RawFd) -> Flushed {
+    /// Sends everything queued, tails taken from `tail_buf`. Datagrams the socket refuses
+    /// (buffer full) are dropped and counted, as a single `send_to` would have; so are packets
+    /// whose tail lies outside `tail_buf`.
+    pub fn flush(&mut self, fd: RawFd, tail_buf: &[u8]) -> Flushed {
         let mut out = Flushed::default();
         let mut i = 0;
         while i < self.n {
             // SAFETY: these are plain old data; all-zero is valid.
             let mut hdrs: [libc::mmsghdr; TX_CAP] = unsafe { zeroed() };
-            let mut iovs: [libc::iovec; TX_CAP] = unsafe { zeroed() };
+            let mut iovs: [libc::iovec; 2 * TX_CAP] = unsafe { zeroed() };
+            let mut used = 0;
             let mut names: [libc::sockaddr_in; TX_CAP] = unsafe { zeroed() };
             let mut cmsgs: [CmsgBuf; TX_CAP] = [[0; 3]; TX_CAP];
             let mut pkts_in: [usize; TX_CAP] = [0; TX_CAP];
@@ -137,17 +163,27 @@ impl TxQueue {
                         k += 1;
                     }
                 }
-                for (j, iov) in iovs[start..k].iter_mut().enumerate() {
-                    let p = start + j;
-                    iov.iov_base = self.slots[p * self.slot_len..].as_mut_ptr().cast();
-                    iov.iov_len = self.lens[p];
+                let first_iov = used;
+                for p in start..k {
+                    let (t_off, t_len) = self.tails[p];
+                    let head = self.lens[p] - t_len;
+                    iovs[used].iov_base = self.slots[p * self.slot_len..].as_mut_ptr().cast();
+                    iovs[used].iov_len = head;
+                    used += 1;
+                    if t_len > 0 {
+                        // out of bounds (a caller bug): the datagram goes out short, the peer drops it
+                        let tail = tail_buf.get(t_off..t_off + t_len).unwrap_or(&[]);
+                        iovs[used].iov_base = tail.as_ptr() as *mut libc::c_void;
+                        iovs[used].iov_len = tail.len();
+                        used += 1;
+                    }
                 }
                 names[m] = sockaddr(self.peers[start]);
                 let h = &mut hdrs[m].msg_hdr;
                 h.msg_name = (&mut names[m] as *mut libc::sockaddr_in).cast();
                 h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-                h.msg_iov = iovs[start..].as_mut_ptr();
-                h.msg_iovlen = k - start;
+                h.msg_iov = iovs[first_iov..].as_mut_ptr();
+                h.msg_iovlen = used - first_iov;
                 if k - start > 1 {
                     any_gso = true;
                     let c = cmsgs[m].as_mut_ptr().cast::<u8>();

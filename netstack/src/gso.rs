@@ -151,12 +151,21 @@ impl Segmenter {
     /// Writes segment `i` of `pkt` into `out` (at least [`Segmenter::len`] bytes); returns
     /// its length.
     pub fn write(&self, pkt: &[u8], i: usize, out: &mut [u8]) -> usize {
+        let (hl, p_off, p_len) = self.write_header(pkt, i, out);
+        out[hl..hl + p_len].copy_from_slice(&pkt[p_off..p_off + p_len]);
+        hl + p_len
+    }
+
+    /// Writes the headers of segment `i` into `out` (at least the header length), checksums
+    /// included, without copying its payload: returns the header length and where the payload
+    /// lies in `pkt` (offset, length), so it can be sent from there.
+    pub fn write_header(&self, pkt: &[u8], i: usize, out: &mut [u8]) -> (usize, usize, usize) {
         let off = i * self.mss;
         let chunk = self.mss.min(self.payload.saturating_sub(off));
         let (ihl, hl) = (self.ihl, self.hl);
         let len = hl + chunk;
+        let payload = &pkt[hl + off..hl + off + chunk];
         out[..hl].copy_from_slice(&pkt[..hl]);
-        out[hl..len].copy_from_slice(&pkt[hl + off..hl + off + chunk]);
         // IP: length, id (one per segment, as the kernel's TSO does), checksum
         out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
         out[4..6].copy_from_slice(&self.id.wrapping_add(i as u16).to_be_bytes());
@@ -178,9 +187,10 @@ impl Segmenter {
         let src = [out[12], out[13], out[14], out[15]];
         let dst = [out[16], out[17], out[18], out[19]];
         let ps = checksum::pseudo_header_sum(src, dst, 6, (len - ihl) as u16);
-        let c = !checksum::fold(checksum::sum(&out[t..len], ps));
+        // the TCP header's length is a multiple of 4: the payload's words line up after it
+        let c = !checksum::fold(checksum::sum(payload, checksum::sum(&out[t..hl], ps)));
         out[t + 16..t + 18].copy_from_slice(&c.to_be_bytes());
-        len
+        (hl, hl + off, chunk)
     }
 }
 
@@ -495,6 +505,24 @@ mod tests {
         let f = co.take();
         assert_eq!(VnetHdr::parse(f).unwrap(), VnetHdr::default());
         assert_eq!(&f[VNET_HDR_LEN..], &a[..]);
+    }
+
+    #[test]
+    fn header_only_segments_point_at_their_payload() {
+        let data = payload(5_000);
+        let sup = tcp(77, TCP_ACK | TCP_PSH, &data);
+        let s = Segmenter::new(&sup, 1398).unwrap();
+        for i in 0..s.count() {
+            let mut whole = [0u8; 2048];
+            let n = s.write(&sup, i, &mut whole);
+            let mut head = [0u8; 64];
+            let (hl, off, len) = s.write_header(&sup, i, &mut head);
+            assert_eq!((hl, len), (52, n - 52), "segment {i}");
+            let mut joined = head[..hl].to_vec();
+            joined.extend_from_slice(&sup[off..off + len]);
+            assert_eq!(&joined[..], &whole[..n], "segment {i}");
+            assert!(valid(&joined));
+        }
     }
 
     #[test]

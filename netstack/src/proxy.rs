@@ -254,6 +254,8 @@ pub struct Proxy {
     park: ParkingLot,
     stats: Stats,
     gate: LogGate,
+    /// The peer the last [`Action::SendToPeer`] went to, for [`Proxy::count_followers`].
+    last_peer: Option<Handle>,
 }
 
 impl Proxy {
@@ -283,7 +285,20 @@ impl Proxy {
             ),
             stats: Stats::default(),
             gate: LogGate { last: [None; 2] },
+            last_peer: None,
             cfg,
+        }
+    }
+
+    /// Counts `packets` more packets (`bytes` in all) from the TUN device sent the way the
+    /// last one went to its peer: the other segments of a TCP super-segment, which the data
+    /// plane translates with the first one's decision instead of one by one.
+    pub fn count_followers(&mut self, packets: u64, bytes: u64) {
+        self.stats.from_tun += packets;
+        self.stats.to_peer += packets;
+        if let Some(p) = self.last_peer.and_then(|h| self.dir.peer_mut(h)) {
+            p.tx_packets += packets;
+            p.tx_bytes += bytes;
         }
     }
 
@@ -414,6 +429,11 @@ impl Proxy {
             Ok(h) => h,
             Err(m) => return self.drop(DropReason::Malformed(m)),
         };
+        // The kernel never writes a bad header checksum to the TUN device, but the checksum is
+        // updated incrementally below: a bad one would leave as a bad one (found by fuzzing).
+        if !packet::ipv4_checksum_ok(buf, &h) {
+            return self.drop(DropReason::BadIpChecksum);
+        }
         if !self.in_service_net(h.dst) {
             return self.drop(DropReason::NotServiceAddress);
         }
@@ -541,6 +561,7 @@ impl Proxy {
                     );
                 }
                 packet::rewrite_addrs(buf, h, d.new_src, d.new_dst);
+                self.last_peer = Some(ph);
                 if let Some(p) = self.dir.peer_mut(ph) {
                     p.tx_packets += 1;
                     p.tx_bytes += h.total_len as u64;

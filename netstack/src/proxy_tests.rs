@@ -783,6 +783,13 @@ fn incoming_is_validated() {
         w1.on_packet(Millis(0), &mut buf, n, Source::Peer(W2)),
         Action::Drop(DropReason::BadIpChecksum)
     );
+    // from the TUN device too: the incremental checksum update would keep the error
+    let n = craft::udp(&mut buf, &Ip::new(A_NS, B_IIP), 1, 2, b"");
+    buf[19] ^= 1;
+    assert_eq!(
+        w1.on_packet(Millis(0), &mut buf, n, Source::Tun),
+        Action::Drop(DropReason::BadIpChecksum)
+    );
     // port 65535 and zero-length datagrams (upstream panics, §8 item 2)
     let n = craft::udp(&mut buf, &Ip::new(B_IIP, A_NS), 65535, 65535, b"");
     assert_eq!(

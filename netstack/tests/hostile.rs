@@ -291,6 +291,8 @@ fn gso_entry_points_survive_arbitrary_frames() {
                     prop_assert!(l <= out.len(), "segment {} of {} bytes", i, l);
                     let w = seg.write(&pkt, i, &mut out);
                     prop_assert!(w <= l);
+                    let (h, off, len) = seg.write_header(&pkt, i, &mut out);
+                    prop_assert!(h + len == w && off + len <= pkt.len());
                 }
             }
             let mut c = co.borrow_mut();
