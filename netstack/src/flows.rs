@@ -4,20 +4,34 @@
 //! IP fragments follow their first fragment. Fixed capacity, LRU eviction, idle expiry; no
 //! port-indexed arrays, so no port value can crash it (unlike upstream, §8 item 2).
 
-use crate::table::{FixedMap, Handle, HashIndex, Hasher, Lru};
+use crate::table::{self, FixedMap, Handle, HashIndex, Lru};
 use crate::Millis;
+use std::hash::{Hash, Hasher};
 use std::net::Ipv4Addr;
 
 /// Seen from the local instance: `local`/`local_port` is its namespace address and port,
 /// `remote`/`remote_port` the far end. For ICMP echo the identifier is the local port and the
 /// remote port is 0.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlowKey {
     pub proto: u8,
     pub local: Ipv4Addr,
     pub local_port: u16,
     pub remote: Ipv4Addr,
     pub remote_port: u16,
+}
+
+/// One 104-bit word into the keyed hasher instead of a write per field: every packet that
+/// crosses the data plane is looked up by its 5-tuple, and each hasher write has a fixed cost.
+impl Hash for FlowKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let w = u128::from(self.proto) << 96
+            | u128::from(self.local.to_bits()) << 64
+            | u128::from(self.local_port) << 48
+            | u128::from(self.remote.to_bits()) << 16
+            | u128::from(self.remote_port);
+        state.write_u128(w);
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,12 +70,12 @@ pub struct FlowTable {
     lru: Lru<Flow>,
     fwd: HashIndex,
     rev: HashIndex,
-    hasher: Hasher,
+    hasher: table::Hasher,
     pub counters: FlowCounters,
 }
 
 impl FlowTable {
-    pub fn new(cap: usize, hasher: Hasher) -> Self {
+    pub fn new(cap: usize, hasher: table::Hasher) -> Self {
         FlowTable {
             lru: Lru::with_capacity(cap),
             fwd: HashIndex::for_capacity(cap),
@@ -190,12 +204,23 @@ impl FlowTable {
 
 /// Identifies the fragments of one datagram (RFC 791: src, dst, protocol, identification),
 /// taken before translation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FragKey {
     pub src: Ipv4Addr,
     pub dst: Ipv4Addr,
     pub id: u16,
     pub proto: u8,
+}
+
+/// One word per key, as for [`FlowKey`].
+impl Hash for FragKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let w = u128::from(self.src.to_bits()) << 56
+            | u128::from(self.dst.to_bits()) << 24
+            | u128::from(self.id) << 8
+            | u128::from(self.proto);
+        state.write_u128(w);
+    }
 }
 
 /// What was done to the first fragment, for the others to repeat.
@@ -214,7 +239,7 @@ pub struct FragTable {
 }
 
 impl FragTable {
-    pub fn new(cap: usize, hasher: Hasher) -> Self {
+    pub fn new(cap: usize, hasher: table::Hasher) -> Self {
         FragTable {
             map: FixedMap::with_capacity(cap, hasher),
             evicted: 0,
