@@ -282,6 +282,9 @@ pub struct Settings {
     pub cluster_ca: Option<PathBuf>,
     pub tunnel_port: u16,
     pub public_address: Option<String>,
+    /// netcfg.json `Tables` and `BusyPollMicros` (checked when the file was loaded).
+    pub overlay_tables: netstack::config::Tables,
+    pub overlay_busy_poll_us: u32,
     /// Never printed: `config show` and `/status` must not leak it.
     #[serde(skip)]
     pub join_token: Option<String>,
@@ -398,6 +401,8 @@ impl Settings {
             cluster_ca: env("OAK_CLUSTER_CA").map(PathBuf::from),
             tunnel_port,
             public_address,
+            overlay_tables: netcfg.tables,
+            overlay_busy_poll_us: netcfg.busy_poll_us,
             join_token: env("OAK_JOIN_TOKEN"),
             public_ip: conf.public_ip,
             virtualizations: conf

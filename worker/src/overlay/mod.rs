@@ -63,10 +63,12 @@ impl OverlayConfig {
                 format!("OAK_PUBLIC_ADDRESS {a:?} is not an IPv4 address (the tunnel is IPv4)")
             })?),
         };
-        let dataplane = DataplaneConfig {
+        let mut dataplane = DataplaneConfig {
             listen: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, st.tunnel_port),
+            busy_poll_us: st.overlay_busy_poll_us,
             ..DataplaneConfig::default()
         };
+        dataplane.proxy.capacity = st.overlay_tables.capacity();
         Ok(OverlayConfig {
             dataplane,
             plumbing: PlumbingConfig::default(),
@@ -1043,6 +1045,31 @@ fn namespaces_in_use() -> std::collections::BTreeSet<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn netcfg_tables_and_busy_poll_reach_the_data_plane() {
+        let netcfg: netstack::config::NetCfg = serde_json::from_str(
+            r#"{"NodePublicPort":"50200","Tables":{"Flows":300,"Peers":7},"BusyPollMicros":40}"#,
+        )
+        .unwrap();
+        let env = |_: &str| None;
+        let paths = crate::config::Paths::from_env(&env);
+        let st = crate::config::Settings::resolve(
+            &paths,
+            &Default::default(),
+            &netcfg,
+            &env,
+            &Default::default(),
+            "pi-1",
+        )
+        .unwrap();
+        let dp = OverlayConfig::from_settings(&st).unwrap().dataplane;
+        assert_eq!(dp.listen.port(), 50200);
+        assert_eq!(dp.busy_poll_us, 40);
+        assert_eq!((dp.proxy.capacity.flows, dp.proxy.capacity.peers), (300, 7));
+        let default = netstack::proxy::Capacity::default();
+        assert_eq!(dp.proxy.capacity.services, default.services);
+    }
 
     #[test]
     fn overlay_topics() {
