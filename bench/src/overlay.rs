@@ -3,6 +3,8 @@
 //! namespaces, measured back to back in one run: single-flow TCP throughput, ping RTT,
 //! TCP connect time (a new flow each), small-UDP packets per second, and allocations per
 //! packet (a counting global allocator over the whole process during the throughput run).
+//! Next to the ping figures: the wakeup floor (the same thread hand-offs over plain UDP, no
+//! TUN or translation) and the ping again with both data planes busy polling.
 
 use crate::procs::wait_for;
 use crate::results::{self, append, cdf, Plot, Record};
@@ -167,6 +169,7 @@ fn side(
     subnet: Ipv4Addr,
     nsip: Ipv4Addr,
     n: u8,
+    busy_poll_us: Option<u32>,
 ) -> Result<(DataplaneHandle, mpsc::Receiver<Event>), String> {
     let t = topo.tag.clone();
     let (br, he, ie) = (
@@ -192,10 +195,11 @@ fn side(
         ..DataplaneConfig::default()
     };
     // knobs for comparing the data plane's modes (not used by scripts/bench.sh)
-    if let Some(v) = std::env::var("OAK_BENCH_BUSY_POLL_US")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
+    if let Some(v) = busy_poll_us.or_else(|| {
+        std::env::var("OAK_BENCH_BUSY_POLL_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    }) {
         cfg.busy_poll_us = v;
     }
     if std::env::var("OAK_BENCH_NO_OFFLOAD").is_ok() {
@@ -213,7 +217,8 @@ fn side(
     Ok((h, rx))
 }
 
-fn setup() -> Result<Net, String> {
+/// `busy_poll_us`: `BusyPollMicros` of both data planes (None: the default, 0).
+fn setup(busy_poll_us: Option<u32>) -> Result<Net, String> {
     let mut topo = Topo::new();
     let t = topo.tag.clone();
     let (w1, w2, i1, i2) = (
@@ -228,8 +233,9 @@ fn setup() -> Result<Net, String> {
     topo.ip(&w1, &["link", "set", &a, "up"])?;
     topo.ip(&w2, &["addr", "add", &format!("{W2_IP}/24"), "dev", &b])?;
     topo.ip(&w2, &["link", "set", &b, "up"])?;
-    let (h1, e1) = side(&mut topo, &w1, &i1, Ipv4Addr::new(10, 18, 0, 0), A_NS, 1)?;
-    let (h2, e2) = side(&mut topo, &w2, &i2, Ipv4Addr::new(10, 18, 0, 64), B_NS, 2)?;
+    let subnets = [Ipv4Addr::new(10, 18, 0, 0), Ipv4Addr::new(10, 18, 0, 64)];
+    let (h1, e1) = side(&mut topo, &w1, &i1, subnets[0], A_NS, 1, busy_poll_us)?;
+    let (h2, e2) = side(&mut topo, &w2, &i2, subnets[1], B_NS, 2, busy_poll_us)?;
     // The routed underlay between the two instances (nsIP to nsIP, no TUN, no proxy): the
     // same bridges, veths and forwarding as the overlay path, so overlay minus routed is what
     // the data plane adds. These /26 routes are more specific than the TUN's /12 but only
@@ -496,8 +502,34 @@ fn handoff_floor_us(n: usize, gap: Duration) -> Result<f64, String> {
     percentile(&v, 50.0).ok_or_else(|| "handoff floor: no samples".to_string())
 }
 
+/// CPU time of this process (every thread: both data planes), in seconds.
+fn own_cpu_secs() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a rusage for the call's duration.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    secs(ru.ru_utime) + secs(ru.ru_stime)
+}
+
+/// `ping_ms` and the share of a core this process (the two data planes) used meanwhile.
+fn ping_with_cpu(
+    topo: &Topo,
+    ns: &str,
+    dst: Ipv4Addr,
+    n: usize,
+    interval: &str,
+) -> Result<((f64, f64), f64), String> {
+    let (c0, t0) = (own_cpu_secs(), Instant::now());
+    let r = ping_ms(topo, ns, dst, n, interval)?;
+    Ok((r, (own_cpu_secs() - c0) / t0.elapsed().as_secs_f64()))
+}
+
+/// The `BusyPollMicros` the bench tries against the default (0), for the ping figure.
+const BUSY_POLL_TRIED_US: u32 = 300;
+
 pub fn run_all(o: &Opts) -> Result<(), String> {
-    let net = setup()?;
+    let net = setup(None)?;
     // a first exchange, so the flow and ARP caches are warm for every figure
     wait_for("overlay ping", Duration::from_secs(5), || {
         ping_ms(&net.topo, &net.i1, RR, 1, "0.01").is_ok()
@@ -569,7 +601,7 @@ pub fn run_all(o: &Opts) -> Result<(), String> {
 
     let (veth_rtt, _) = ping_ms(&net.topo, &net.w1, W2_IP, o.pings, "0.01")?;
     let (routed_rtt, routed_mean) = ping_ms(&net.topo, &net.i1, B_NS, o.pings, "0.01")?;
-    let (ovl_rtt, ovl_mean) = ping_ms(&net.topo, &net.i1, RR, o.pings, "0.01")?;
+    let ((ovl_rtt, ovl_mean), ovl_cpu) = ping_with_cpu(&net.topo, &net.i1, RR, o.pings, "0.01")?;
     append(
         Record::new(SECTION, "added round trip through the overlay (ping p50 at 10 ms, overlay minus routed underlay)", Some((ovl_rtt - routed_rtt) * 1e3), "µs")
             .baseline("routed underlay RTT p50, instance to instance", Some(routed_rtt * 1e3))
@@ -637,6 +669,21 @@ pub fn run_all(o: &Opts) -> Result<(), String> {
     })
     .map_err(|e| e.to_string())?;
     let _ = (&net.w1, &net.i2);
+    drop(net);
+
+    // the same ping with the data planes polling a while after each packet
+    let net = setup(Some(BUSY_POLL_TRIED_US))?;
+    wait_for("overlay ping", Duration::from_secs(5), || {
+        ping_ms(&net.topo, &net.i1, RR, 1, "0.01").is_ok()
+    })?;
+    let (routed_b, _) = ping_ms(&net.topo, &net.i1, B_NS, o.pings, "0.01")?;
+    let ((ovl_b, _), busy_cpu) = ping_with_cpu(&net.topo, &net.i1, RR, o.pings, "0.01")?;
+    append(
+        Record::new(SECTION, &format!("added round trip through the overlay with BusyPollMicros={BUSY_POLL_TRIED_US} (ping p50 at 10 ms)"), Some((ovl_b - routed_b) * 1e3), "µs")
+            .baseline("the same without busy polling (default)", Some((ovl_rtt - routed_rtt) * 1e3))
+            .notes(format!("{} pings at 10 ms, p50, routed underlay {:.1} µs; the two data planes used {:.2} % of a core meanwhile, against {:.2} % without busy polling", o.pings, routed_b * 1e3, busy_cpu * 100.0, ovl_cpu * 100.0)),
+    )
+    .map_err(|e| e.to_string())?;
     drop(net);
     Ok(())
 }
