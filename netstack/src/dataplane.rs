@@ -24,14 +24,14 @@
 use crate::batch::{self, RxBatch, TxQueue};
 use crate::control::{JobName, NodeSubnet, TableUpdate};
 use crate::gso::{self, Coalescer, Segmenter, VnetHdr, VNET_HDR_LEN};
-use crate::proxy::{Action, Proxy, ProxyConfig, Source, Stats};
+use crate::proxy::{Action, Evictions, Proxy, ProxyConfig, Source, Stats};
 use crate::tun::Tun;
 use crate::Millis;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Upstream's tunnel port (`OAK_TUNNEL_PORT`, spec §7).
@@ -116,6 +116,47 @@ pub struct IoCounters {
     /// Packets that went into merged (GSO) TUN writes.
     pub packets_merged: u64,
     pub errors: u64,
+}
+
+/// Every counter of the data plane at one moment, as [`SharedCounters`] holds it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    pub stats: Stats,
+    pub io: IoCounters,
+    pub evictions: Evictions,
+}
+
+/// The data plane's counters for readers on other threads (the worker's `/metrics`). The loop
+/// copies them in from its once-a-second housekeeping, so a reader never waits on the loop
+/// (unlike [`DataplaneHandle::stats`], which queues behind whatever the loop is doing) and
+/// the packet path neither locks nor allocates. The loop only `try_lock`s: if a reader holds
+/// the lock at that instant, that second's copy is skipped rather than the loop stalled.
+#[derive(Debug, Default)]
+pub struct SharedCounters {
+    last: Mutex<CounterSnapshot>,
+}
+
+impl SharedCounters {
+    /// The counters as of the loop's last housekeeping (at most about a second old).
+    pub fn get(&self) -> CounterSnapshot {
+        // Poisoning needs a panic while copying plain integers; the values are still good.
+        *self.last.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces the snapshot unless a reader is copying it right now.
+    pub fn publish(&self, s: CounterSnapshot) -> bool {
+        match self.last.try_lock() {
+            Ok(mut g) => {
+                *g = s;
+                true
+            }
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                *p.into_inner() = s;
+                true
+            }
+            Err(std::sync::TryLockError::WouldBlock) => false,
+        }
+    }
 }
 
 /// What the data plane asks of the control plane.
@@ -206,13 +247,16 @@ impl Dataplane {
         let wake = unsafe { OwnedFd::from_raw_fd(efd) };
         let loop_wake = wake.try_clone()?;
         let (tx, rx) = mpsc::channel();
+        let counters = Arc::new(SharedCounters::default());
+        let shared = counters.clone();
         let join = std::thread::Builder::new()
             .name("overlay-dataplane".into())
-            .spawn(move || self.run(rx, loop_wake, events))?;
+            .spawn(move || self.run(rx, loop_wake, events, &shared))?;
         Ok(DataplaneHandle {
             tx,
             wake,
             join: Some(join),
+            counters,
         })
     }
 
@@ -221,6 +265,7 @@ impl Dataplane {
         rx: mpsc::Receiver<Command>,
         wake: OwnedFd,
         events: mpsc::Sender<Event>,
+        shared: &SharedCounters,
     ) -> Stats {
         let start = Instant::now();
         let now = || Millis(start.elapsed().as_millis() as u64);
@@ -308,9 +353,21 @@ impl Dataplane {
                     io.c.errors += io.errors;
                     io.errors = 0;
                 }
+                shared.publish(self.snapshot(&io));
             }
         }
+        io.c.errors += io.errors;
+        // The last word, waiting for a reader if need be: readers may outlive the loop.
+        *shared.last.lock().unwrap_or_else(|p| p.into_inner()) = self.snapshot(&io);
         *self.proxy.stats()
+    }
+
+    fn snapshot(&self, io: &Io) -> CounterSnapshot {
+        CounterSnapshot {
+            stats: *self.proxy.stats(),
+            io: io.c,
+            evictions: self.proxy.evictions(),
+        }
     }
 
     /// Drains the TUN device: every packet (or every segment of a TCP super-segment) is
@@ -685,6 +742,7 @@ pub struct DataplaneHandle {
     tx: mpsc::Sender<Command>,
     wake: OwnedFd,
     join: Option<std::thread::JoinHandle<Stats>>,
+    counters: Arc<SharedCounters>,
 }
 
 impl DataplaneHandle {
@@ -711,6 +769,12 @@ impl DataplaneHandle {
         });
         rx.recv()
             .unwrap_or(Err(crate::directory::DirectoryError::InstanceTableFull))
+    }
+
+    /// The loop's counters as of its last housekeeping, readable from any thread without
+    /// waiting on the loop.
+    pub fn counters(&self) -> Arc<SharedCounters> {
+        self.counters.clone()
     }
 
     pub fn io_counters(&self) -> Option<IoCounters> {

@@ -136,6 +136,35 @@ pub enum DropReason {
 
 impl DropReason {
     pub const COUNT: usize = 20;
+    /// One stable snake_case name per [`DropReason::index`], for metrics labels: dashboards
+    /// and alerts key on these, so a name never changes meaning once published.
+    pub const LABELS: [&'static str; DropReason::COUNT] = [
+        "malformed_truncated_ip_header",
+        "malformed_not_ipv4",
+        "malformed_bad_ihl",
+        "malformed_bad_total_length",
+        "malformed_truncated_l4_header",
+        "malformed_bad_l4_length",
+        "not_service_address",
+        "unknown_source",
+        "no_instance_ip",
+        "unsupported_protocol",
+        "icmp_error_not_translated",
+        "fragment_without_first",
+        "not_for_local_instance",
+        "source_not_service_address",
+        "bad_ip_checksum",
+        "park_per_destination_limit",
+        "park_no_free_slot",
+        "park_too_big",
+        "peer_gone",
+        "buffer_too_small",
+    ];
+
+    pub fn label(self) -> &'static str {
+        DropReason::LABELS[self.index()]
+    }
+
     pub fn index(self) -> usize {
         match self {
             DropReason::Malformed(m) => match m {
@@ -227,6 +256,17 @@ impl Stats {
     }
 }
 
+/// Live entries pushed out of full tables, per table. Each one cost a connection its state
+/// or made the next packet pay a table query again, so a growing count means a capacity is
+/// too small for the traffic (exported as `oak_overlay_table_evictions_total`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Evictions {
+    pub flows: u64,
+    pub instances: u64,
+    pub services: u64,
+    pub jobs: u64,
+}
+
 /// Rate limit for "table full" warnings: one line per kind per interval, counters always.
 struct LogGate {
     last: [Option<Millis>; 2],
@@ -316,6 +356,15 @@ impl Proxy {
     }
     pub fn parked(&self) -> usize {
         self.park.parked()
+    }
+    pub fn evictions(&self) -> Evictions {
+        let d = &self.dir.counters;
+        Evictions {
+            flows: self.flows.counters.evicted,
+            instances: d.instance_evictions,
+            services: d.service_evictions,
+            jobs: d.job_evictions,
+        }
     }
 
     // ---- control plane -------------------------------------------------------------------

@@ -1090,3 +1090,26 @@ fn icmp_errors_from_a_client_reach_the_server_translated() {
         "UDP checksum back to what B computed"
     );
 }
+
+#[test]
+fn drop_reason_labels_are_distinct_snake_case_names() {
+    let labels = DropReason::LABELS;
+    for (i, l) in labels.iter().enumerate() {
+        assert!(
+            !l.is_empty()
+                && l.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+            "{l}"
+        );
+        assert!(!labels[..i].contains(l), "{l} twice");
+    }
+    assert_eq!(DropReason::BadIpChecksum.label(), "bad_ip_checksum");
+    assert_eq!(
+        DropReason::ParkRefused(ParkRefused::TooBig).label(),
+        "park_too_big"
+    );
+    assert_eq!(
+        DropReason::Malformed(Malformed::NotIpv4).label(),
+        "malformed_not_ipv4"
+    );
+}

@@ -296,6 +296,19 @@ fn ping_tcp_and_udp_through_a_service_ip() {
     let s2 = o.w2.handle.stats().unwrap();
     println!("w1: {s1:?}\nw2: {s2:?}");
     assert!(s1.to_peer >= 20 && s2.to_peer >= 20);
+    // The copy other threads read (the worker's /metrics) catches up within a housekeeping
+    // round or two, without a command to the loop.
+    let shared = o.w1.handle.counters();
+    let t0 = std::time::Instant::now();
+    let snap = loop {
+        let snap = shared.get();
+        if snap.stats.to_peer >= s1.to_peer || t0.elapsed() > Duration::from_secs(3) {
+            break snap;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(snap.stats.to_peer >= s1.to_peer, "{snap:?}");
+    assert!(snap.io.datagrams_sent > 0, "{snap:?}");
 }
 
 #[test]

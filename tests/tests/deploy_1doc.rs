@@ -251,8 +251,47 @@ fn scenario(w: &World, started: Instant) -> Result<Vec<Duration>, String> {
         );
     }
 
-    let metrics = ok("GET", &format!("http://{}/metrics", w.status), None, None)?;
-    let metrics = metrics.as_str().unwrap_or_default();
+    // The client's traffic shows in the data plane's counters on /metrics (the snapshot the
+    // status thread reads is refreshed once a second).
+    let sample = |text: &str, series: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    };
+    let from_tun = "oak_overlay_packets_total{path=\"from_tun\"} ";
+    let metrics = wait_for(
+        "oak_overlay_packets_total from the TUN above 0 on /metrics",
+        Duration::from_secs(10),
+        || {
+            let m = ok("GET", &format!("http://{}/metrics", w.status), None, None)?;
+            let m = m.as_str().unwrap_or_default().to_string();
+            Ok((sample(&m, from_tun).unwrap_or(0) > 0).then_some(m))
+        },
+    )?;
+    let metrics = metrics.as_str();
+    println!(
+        "overlay counters after the client's fetches:\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("oak_overlay_packets_total")
+                || l.starts_with("oak_overlay_table_queries_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // Translated and sent on: to a peer, or back through the TUN (both instances are here).
+    let out: u64 = ["to_peer", "to_tun", "hairpin"]
+        .iter()
+        .filter_map(|p| {
+            sample(
+                metrics,
+                &format!("oak_overlay_packets_total{{path=\"{p}\"}} "),
+            )
+        })
+        .sum();
+    assert!(out > 0, "{metrics}");
+    assert!(
+        metrics.contains("# TYPE oak_overlay_drops_total counter"),
+        "{metrics}"
+    );
     assert!(metrics.contains("oak_image_pulls_total 1\n"), "{metrics}");
     assert!(
         metrics.contains("oak_worker_containerd_up 1\n"),

@@ -120,6 +120,12 @@ fn run_foreground(paths: &Paths, cli: &Overrides) -> Result<(), String> {
         &settings.node_name,
         &format!("{}:{}", settings.cluster_address, settings.cluster_port),
     );
+    if let Some(c) = overlay
+        .as_ref()
+        .and_then(|(o, _, _)| o.dataplane_counters())
+    {
+        telemetry.set_overlay(c);
+    }
     let _status =
         status::serve(settings.status_addr, telemetry.clone()).map_err(|e| e.to_string())?;
     log::info!("status endpoint on http://{}/status", settings.status_addr);

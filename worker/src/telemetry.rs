@@ -1,11 +1,16 @@
 //! What the running worker knows about itself, shared between the session (which writes it)
 //! and the status endpoint thread (which renders it as /status JSON and /metrics text).
 //! Counters are atomics; the few strings sit behind one mutex held only to copy or set them.
+//! The overlay's data-plane counters (`oak_overlay_*`) are the data plane's own, read from the
+//! snapshot its thread refreshes once a second: a scrape never waits on the packet loop.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use netstack::dataplane::{CounterSnapshot, SharedCounters};
+use netstack::DropReason;
 
 use crate::mqtt::client::Stats as MqttStats;
 use crate::protocol::Status;
@@ -82,6 +87,8 @@ pub struct Telemetry {
     /// Image pull counters, shared with the puller (`oak_image_*` in /metrics).
     pub images: Arc<crate::image::Counters>,
     state: Mutex<State>,
+    /// Set once when the overlay runs (`OAK_NETWORK=auto`); without it no `oak_overlay_*`.
+    overlay: OnceLock<Arc<SharedCounters>>,
 }
 
 impl Telemetry {
@@ -103,6 +110,7 @@ impl Telemetry {
                 containerd: Containerd::Connecting,
                 instances: BTreeMap::new(),
             }),
+            overlay: OnceLock::new(),
         })
     }
 
@@ -165,6 +173,11 @@ impl Telemetry {
             }
             s.instances.insert(key, (status, detail.into()));
         })
+    }
+
+    /// The overlay's data-plane counters, shown in /metrics from now on (the first call wins).
+    pub fn set_overlay(&self, c: Arc<SharedCounters>) {
+        let _ = self.overlay.set(c);
     }
 
     pub fn node_id(&self) -> String {
@@ -398,6 +411,156 @@ impl Telemetry {
             );
         }
         self.images.render(&mut out);
+        if let Some(o) = self.overlay.get() {
+            render_overlay(&mut out, &o.get());
+        }
         out
+    }
+}
+
+/// The overlay data plane's counters as `oak_overlay_*`. Samples are `(label value, count)`,
+/// with an empty `key` for an unlabelled one.
+fn render_overlay(out: &mut String, s: &CounterSnapshot) {
+    let mut metric = |name: &str, help: &str, key: &str, samples: &[(&str, u64)]| {
+        let _ = writeln!(
+            out,
+            "# HELP oak_overlay_{name} {help}\n# TYPE oak_overlay_{name} counter"
+        );
+        for (value, v) in samples {
+            if key.is_empty() {
+                let _ = writeln!(out, "oak_overlay_{name} {v}");
+            } else {
+                let _ = writeln!(out, "oak_overlay_{name}{{{key}=\"{value}\"}} {v}");
+            }
+        }
+    };
+    let st = &s.stats;
+    metric(
+        "packets_total",
+        "Packets through the data plane: read from the TUN or a peer, sent to a peer or the \
+         TUN, or turned around locally (hairpin).",
+        "path",
+        &[
+            ("from_tun", st.from_tun),
+            ("from_peer", st.from_peer),
+            ("to_peer", st.to_peer),
+            ("to_tun", st.to_tun),
+            ("hairpin", st.hairpin),
+        ],
+    );
+    metric(
+        "icmp_sent_total",
+        "ICMP errors the data plane sent to local senders.",
+        "",
+        &[("", st.icmp_sent)],
+    );
+    metric(
+        "parked_total",
+        "Packets held until a table query answers for their destination.",
+        "",
+        &[("", st.parked)],
+    );
+    metric(
+        "released_total",
+        "Parked packets let go (answered or timed out).",
+        "",
+        &[("", st.released)],
+    );
+    metric(
+        "table_queries_total",
+        "Table queries the data plane asked the cluster for.",
+        "",
+        &[("", st.queries)],
+    );
+    metric(
+        "query_timeouts_total",
+        "Parked packets whose table query was not answered in time (sender got ICMP unreachable).",
+        "",
+        &[("", st.query_timeouts)],
+    );
+    let drops: [(&str, u64); DropReason::COUNT] =
+        std::array::from_fn(|i| (DropReason::LABELS[i], st.drops[i]));
+    metric(
+        "drops_total",
+        "Packets the data plane dropped, by reason.",
+        "reason",
+        &drops,
+    );
+    let e = &s.evictions;
+    metric(
+        "table_evictions_total",
+        "Live entries pushed out of a full table (raise its capacity if this grows).",
+        "table",
+        &[
+            ("flows", e.flows),
+            ("instances", e.instances),
+            ("services", e.services),
+            ("jobs", e.jobs),
+        ],
+    );
+    metric(
+        "io_errors_total",
+        "Failed TUN or tunnel socket reads and writes.",
+        "",
+        &[("", s.io.errors)],
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_counters_only_with_an_overlay() {
+        let tel = Telemetry::new("n", "c:1");
+        let text = tel.metrics_text();
+        assert!(!text.contains("oak_overlay_"), "{text}");
+
+        let mut snap = CounterSnapshot::default();
+        snap.stats.from_tun = 7;
+        snap.stats.to_peer = 5;
+        snap.stats.hairpin = 2;
+        snap.stats.queries = 3;
+        snap.stats.query_timeouts = 1;
+        snap.stats.drops[DropReason::BadIpChecksum.index()] = 4;
+        snap.evictions.flows = 9;
+        snap.evictions.jobs = 1;
+        snap.io.errors = 6;
+        let shared = Arc::new(SharedCounters::default());
+        assert!(shared.publish(snap));
+        tel.set_overlay(shared);
+        let text = tel.metrics_text();
+        for line in [
+            "# TYPE oak_overlay_packets_total counter",
+            "oak_overlay_packets_total{path=\"from_tun\"} 7",
+            "oak_overlay_packets_total{path=\"to_peer\"} 5",
+            "oak_overlay_packets_total{path=\"from_peer\"} 0",
+            "oak_overlay_packets_total{path=\"hairpin\"} 2",
+            "oak_overlay_table_queries_total 3",
+            "oak_overlay_query_timeouts_total 1",
+            "oak_overlay_icmp_sent_total 0",
+            "oak_overlay_drops_total{reason=\"bad_ip_checksum\"} 4",
+            "oak_overlay_drops_total{reason=\"malformed_not_ipv4\"} 0",
+            "oak_overlay_table_evictions_total{table=\"flows\"} 9",
+            "oak_overlay_table_evictions_total{table=\"jobs\"} 1",
+            "oak_overlay_io_errors_total 6",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "no line {line:?} in:\n{text}"
+            );
+        }
+        let drops = text
+            .lines()
+            .filter(|l| l.starts_with("oak_overlay_drops_total{"))
+            .count();
+        assert_eq!(drops, DropReason::COUNT);
+        // Each metric is declared once, samples follow their own TYPE line.
+        for name in ["packets_total", "drops_total", "table_evictions_total"] {
+            let t = format!("# TYPE oak_overlay_{name} counter");
+            assert_eq!(text.matches(&t).count(), 1, "{name}");
+        }
+        // The worker's own metrics are still there.
+        assert!(text.contains("oak_worker_containerd_up 0"), "{text}");
     }
 }

@@ -172,6 +172,9 @@ fn registers_reports_and_answers_deploys() {
         && i["status"] == "FAILED"));
     assert!(worker.metric("oak_worker_reports_sent_total{topic=\"information\"}") >= 1);
     assert_eq!(worker.metric("oak_worker_registrations_total"), 2);
+    // OAK_NETWORK=off: no data plane, so no overlay counters at all (not a row of zeros).
+    let metrics = worker.get("/metrics");
+    assert!(!metrics.contains("oak_overlay_"), "{metrics}");
     assert!(standin.problems().is_empty(), "{:?}", standin.problems());
 
     // SIGTERM: a polite DISCONNECT, exit 0.

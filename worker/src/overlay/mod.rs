@@ -21,13 +21,16 @@ use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_channel::{Receiver, Sender};
 use async_io::Timer;
 use futures_lite::{FutureExt, StreamExt};
 use netstack::control::{self, JobName, NodeSubnet};
-use netstack::dataplane::{Command, Dataplane, DataplaneConfig, DataplaneHandle, Event};
+use netstack::dataplane::{
+    Command, Dataplane, DataplaneConfig, DataplaneHandle, Event, SharedCounters,
+};
 use netstack::plumbing::{Plumbing, PlumbingConfig};
 use netstack::session::{Output, Session};
 use netstack::Millis;
@@ -352,6 +355,11 @@ impl Overlay {
                 }
             }
         }
+    }
+
+    /// The data plane's counters, for the status endpoint's thread (None once stopped).
+    pub fn dataplane_counters(&self) -> Option<Arc<SharedCounters>> {
+        self.inner.borrow().dp.as_ref().map(|d| d.counters())
     }
 
     pub fn status(&self) -> OverlayStatus {
