@@ -489,7 +489,7 @@ fn render_overlay(out: &mut String, s: &CounterSnapshot) {
     let e = &s.evictions;
     metric(
         "table_evictions_total",
-        "Live entries pushed out of a full table (raise its capacity if this grows).",
+        "Live entries pushed out of a full table (if this grows, raise the table's size under Tables in netcfg.json).",
         "table",
         &[
             ("flows", e.flows),
