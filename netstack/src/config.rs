@@ -70,18 +70,6 @@ pub struct Tables {
     pub parked_packets: usize,
 }
 
-/// Largest size per table: (key, at most). Far above any worker's needs, low enough that a
-/// stray digit cannot take the device's memory.
-const TABLE_LIMITS: [(&str, usize); 7] = [
-    ("Instances", 1 << 16),
-    ("Services", 1 << 16),
-    ("Jobs", 1 << 16),
-    ("Peers", 1 << 16),
-    ("Flows", 1 << 20),
-    ("Fragments", 1 << 16),
-    ("ParkedPackets", 1 << 12),
-];
-
 /// `BusyPollMicros` at most: spinning longer than a scheduler tick only burns the CPU.
 pub const MAX_BUSY_POLL_US: u32 = 10_000;
 
@@ -101,22 +89,24 @@ impl Default for Tables {
 }
 
 impl Tables {
-    fn sizes(&self) -> [usize; 7] {
+    /// Each size with its key and its largest value: far above any worker's needs, low
+    /// enough that a stray digit cannot take the device's memory.
+    fn sizes(&self) -> [(&'static str, usize, usize); 7] {
         [
-            self.instances,
-            self.services,
-            self.jobs,
-            self.peers,
-            self.flows,
-            self.fragments,
-            self.parked_packets,
+            ("Instances", self.instances, 1 << 16),
+            ("Services", self.services, 1 << 16),
+            ("Jobs", self.jobs, 1 << 16),
+            ("Peers", self.peers, 1 << 16),
+            ("Flows", self.flows, 1 << 20),
+            ("Fragments", self.fragments, 1 << 16),
+            ("ParkedPackets", self.parked_packets, 1 << 12),
         ]
     }
 
     /// The first size out of its range, as a message naming the key.
     pub fn check(&self) -> Result<(), String> {
-        for ((key, max), v) in TABLE_LIMITS.iter().zip(self.sizes()) {
-            if !(1..=*max).contains(&v) {
+        for (key, v, max) in self.sizes() {
+            if !(1..=max).contains(&v) {
                 return Err(format!("Tables.{key} is {v}: expected 1 to {max}"));
             }
         }

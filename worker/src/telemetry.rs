@@ -247,13 +247,7 @@ impl Telemetry {
         let m = &self.mqtt;
         let mut out = String::with_capacity(4096);
         let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
-            let _ = writeln!(
-                out,
-                "# HELP oak_worker_{name} {help}\n# TYPE oak_worker_{name} {kind}"
-            );
-            for (labels, v) in samples {
-                let _ = writeln!(out, "oak_worker_{name}{labels} {v}");
-            }
+            write_family(&mut out, &format!("oak_worker_{name}"), kind, help, samples);
         };
         let l = |a: &AtomicU64| a.load(Relaxed);
         metric(
@@ -418,90 +412,94 @@ impl Telemetry {
     }
 }
 
-/// The overlay data plane's counters as `oak_overlay_*`. Samples are `(label value, count)`,
-/// with an empty `key` for an unlabelled one.
+/// One metric family in the Prometheus text format: HELP and TYPE, then a sample per
+/// `(label set, value)`, the label set written as is (`{key="value"}`, or empty).
+fn write_family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, v) in samples {
+        let _ = writeln!(out, "{name}{labels} {v}");
+    }
+}
+
+/// The overlay data plane's counters as `oak_overlay_*` (all counters).
 fn render_overlay(out: &mut String, s: &CounterSnapshot) {
-    let mut metric = |name: &str, help: &str, key: &str, samples: &[(&str, u64)]| {
-        let _ = writeln!(
+    let family = |out: &mut String, name: &str, help: &str, samples: &[(&str, u64)]| {
+        write_family(
             out,
-            "# HELP oak_overlay_{name} {help}\n# TYPE oak_overlay_{name} counter"
+            &format!("oak_overlay_{name}"),
+            "counter",
+            help,
+            samples,
         );
-        for (value, v) in samples {
-            if key.is_empty() {
-                let _ = writeln!(out, "oak_overlay_{name} {v}");
-            } else {
-                let _ = writeln!(out, "oak_overlay_{name}{{{key}=\"{value}\"}} {v}");
-            }
-        }
     };
     let st = &s.stats;
-    metric(
+    family(
+        out,
         "packets_total",
         "Packets through the data plane: read from the TUN or a peer, sent to a peer or the \
          TUN, or turned around locally (hairpin).",
-        "path",
         &[
-            ("from_tun", st.from_tun),
-            ("from_peer", st.from_peer),
-            ("to_peer", st.to_peer),
-            ("to_tun", st.to_tun),
-            ("hairpin", st.hairpin),
+            ("{path=\"from_tun\"}", st.from_tun),
+            ("{path=\"from_peer\"}", st.from_peer),
+            ("{path=\"to_peer\"}", st.to_peer),
+            ("{path=\"to_tun\"}", st.to_tun),
+            ("{path=\"hairpin\"}", st.hairpin),
         ],
     );
-    metric(
-        "icmp_sent_total",
-        "ICMP errors the data plane sent to local senders.",
-        "",
-        &[("", st.icmp_sent)],
-    );
-    metric(
-        "parked_total",
-        "Packets held until a table query answers for their destination.",
-        "",
-        &[("", st.parked)],
-    );
-    metric(
-        "released_total",
-        "Parked packets let go (answered or timed out).",
-        "",
-        &[("", st.released)],
-    );
-    metric(
-        "table_queries_total",
-        "Table queries the data plane asked the cluster for.",
-        "",
-        &[("", st.queries)],
-    );
-    metric(
-        "query_timeouts_total",
-        "Parked packets whose table query was not answered in time (sender got ICMP unreachable).",
-        "",
-        &[("", st.query_timeouts)],
-    );
+    for (name, help, v) in [
+        (
+            "icmp_sent_total",
+            "ICMP errors the data plane sent to local senders.",
+            st.icmp_sent,
+        ),
+        (
+            "parked_total",
+            "Packets held until a table query answers for their destination.",
+            st.parked,
+        ),
+        (
+            "released_total",
+            "Parked packets let go (answered or timed out).",
+            st.released,
+        ),
+        (
+            "table_queries_total",
+            "Table queries the data plane asked the cluster for.",
+            st.queries,
+        ),
+        (
+            "query_timeouts_total",
+            "Parked packets whose table query was not answered in time (sender got ICMP unreachable).",
+            st.query_timeouts,
+        ),
+    ] {
+        family(out, name, help, &[("", v)]);
+    }
+    let reasons = DropReason::LABELS.map(|r| format!("{{reason=\"{r}\"}}"));
     let drops: [(&str, u64); DropReason::COUNT] =
-        std::array::from_fn(|i| (DropReason::LABELS[i], st.drops[i]));
-    metric(
+        std::array::from_fn(|i| (reasons[i].as_str(), st.drops[i]));
+    family(
+        out,
         "drops_total",
         "Packets the data plane dropped, by reason.",
-        "reason",
         &drops,
     );
     let e = &s.evictions;
-    metric(
+    family(
+        out,
         "table_evictions_total",
         "Live entries pushed out of a full table (if this grows, raise the table's size under Tables in netcfg.json).",
-        "table",
         &[
-            ("flows", e.flows),
-            ("instances", e.instances),
-            ("services", e.services),
-            ("jobs", e.jobs),
+            ("{table=\"flows\"}", e.flows),
+            ("{table=\"instances\"}", e.instances),
+            ("{table=\"services\"}", e.services),
+            ("{table=\"jobs\"}", e.jobs),
         ],
     );
-    metric(
+    family(
+        out,
         "io_errors_total",
         "Failed TUN or tunnel socket reads and writes.",
-        "",
         &[("", s.io.errors)],
     );
 }
